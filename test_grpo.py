@@ -1,0 +1,574 @@
+"""
+Tests for grpo.py and rewards.py: offline, on CPU, with tiny models built here.
+
+Run: python -m pytest -q test_grpo.py
+"""
+
+import json
+import os
+import random
+import subprocess
+import sys
+from dataclasses import fields, replace
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+import grpo
+from grpo import (Config, ConfigError, completion_mask, generate_completions, group_advantages, grpo_loss,
+                  kl_estimate, per_token_logps)
+from rewards import (TAGS, answer_reward, extract_answer, extract_gold_answer, format_reward, parse_number)
+
+HERE = Path(__file__).parent
+os.environ["HF_HUB_OFFLINE"] = "1"  # the tests never touch the Hub, and say so loudly if they try
+
+# ---------------------------------------------------------------------------------------------
+# A tiny chat model, built locally: word-level tokenizer + 2-layer Llama with random weights.
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_tiny_chat_model(path: Path, seed: int = 0) -> Path:
+    """Save a tokenizer (the system prompt's words, digits one per token, the four tags as
+    single tokens, EOS used as pad) and a random 2-layer Llama to `path`."""
+    pre = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Digits(individual_digits=True)])
+    text = grpo.SYSTEM_PROMPT + " What is + ? system user assistant"
+    for tag in TAGS:
+        text = text.replace(tag, " ")
+    words = sorted({w for w, _ in pre.pre_tokenize_str(text)} | set("0123456789"))
+    vocab = {w: i for i, w in enumerate(["[UNK]", "<|im_start|>", "<|im_end|>"] + words)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre
+    backend.decoder = decoders.Fuse()  # "1", "5" -> "15"
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", bos_token="<|im_start|>",
+                                        eos_token="<|im_end|>", pad_token="<|im_end|>")
+    tokenizer.add_tokens(list(TAGS))
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(path)
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return build_tiny_chat_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_model_dir):
+    tokenizer = grpo.load_tokenizer(str(tiny_model_dir))
+    model = grpo.load_model(str(tiny_model_dir), torch.device("cpu")).eval()
+    return model, tokenizer
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def tiny_config(tiny_model_dir, tmp_path, **overrides) -> Config:
+    """Settings for a run of a few seconds on the tiny model."""
+    settings = dict(model=str(tiny_model_dir), dataset="arithmetic", output_dir=str(tmp_path / "run"), max_steps=2,
+                    prompts_per_step=2, num_generations=4, max_completion_length=8, micro_batch_size=4,
+                    eval_size=4, eval_batch_size=4, save_every=1, log_samples_every=1, device="cpu")
+    return Config(**{**settings, **overrides})
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference values from GRPO.md (computed from the formulas by hand, copied here as literals).
+# Tolerance 1e-5: the literals have 6 decimals; float32 arithmetic is exact to about 1e-7 here.
+
+
+@pytest.mark.parametrize("rewards, expected", [
+    ([1, 0, 0, 1], [0.865875, -0.865875, -0.865875, 0.865875]),
+    ([0.2, 0.5, 0.9], [-0.948888, -0.094889, 1.043777]),
+    ([1, 1, 1, 1], [0, 0, 0, 0]),
+])
+def test_group_advantages_reference_values(rewards, expected):
+    advantages = group_advantages(torch.tensor(rewards, dtype=torch.float32), len(rewards))
+    torch.testing.assert_close(advantages, torch.tensor(expected, dtype=torch.float32), atol=1e-5, rtol=0)
+
+
+def test_group_advantages_are_exactly_zero_for_equal_rewards_and_per_group():
+    # 0.1 + 0.1 + 0.1 is not 3 * 0.1 in floating point: the mean alone would leave ~1e-9 residues.
+    rewards = torch.tensor([0.1, 0.1, 0.1, 1.0, 0.0, 0.0])
+    advantages = group_advantages(rewards, 3)
+    assert advantages[:3].eq(0).all()
+    torch.testing.assert_close(advantages[3:], group_advantages(torch.tensor([1.0, 0.0, 0.0]), 3))
+    no_std = group_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0]), 4, scale_by_std=False)
+    torch.testing.assert_close(no_std, torch.tensor([0.5, -0.5, -0.5, 0.5]))
+
+
+def test_kl_estimators_reference_values():
+    log_r = torch.tensor([-1.0, 0.5, 2.0])  # log_r = ref_logp - logp
+    logp = torch.zeros(3)
+    torch.testing.assert_close(kl_estimate(logp, log_r, "k3"), torch.tensor([0.367879, 0.148721, 4.389056]),
+                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(kl_estimate(logp, log_r, "k1"), -log_r)
+    torch.testing.assert_close(kl_estimate(logp, log_r, "k2"), 0.5 * log_r**2)
+    with pytest.raises(ValueError, match="unknown KL estimator"):
+        kl_estimate(logp, log_r, "k4")
+
+
+TWO_COMPLETIONS = dict(
+    logp=torch.tensor([[-1.0, -0.5, -2.0, 0.0], [-0.3, -1.3, 0.0, 0.0]]),
+    old_logp=torch.tensor([[-1.1, -0.8, -1.9, 0.0], [-0.5, -1.0, 0.0, 0.0]]),
+    ref_logp=torch.tensor([[-1.2, -0.4, -2.1, 0.0], [-0.4, -1.5, 0.0, 0.0]]),
+    advantages=torch.tensor([0.8, -0.5]),
+    mask=torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]]),
+)
+
+
+@pytest.mark.parametrize("loss_type, expected", [("grpo", -0.174898), ("bnpo", -0.311043), ("dr_grpo", -0.194402)])
+def test_grpo_loss_reference_values(loss_type, expected):
+    loss, diagnostics = grpo_loss(**TWO_COMPLETIONS, beta=0.04, epsilon_low=0.2, epsilon_high=0.2,
+                                  loss_type=loss_type, max_completion_length=4)
+    assert loss.item() == pytest.approx(expected, abs=1e-5)
+    # token 2 of completion 1: ratio e^0.3 = 1.35 > 1.2 with A > 0; token 2 of completion 2: e^-0.3 = 0.74 < 0.8 with A < 0
+    assert diagnostics["clip/high_frac"] == pytest.approx(1 / 5)
+    assert diagnostics["clip/low_frac"] == pytest.approx(1 / 5)
+
+
+def test_unknown_loss_type_raises():
+    with pytest.raises(ValueError, match="unknown loss_type"):
+        grpo_loss(**TWO_COMPLETIONS, beta=0.04, epsilon_low=0.2, epsilon_high=0.2, loss_type="ppo",
+                  max_completion_length=4)
+
+
+def test_asymmetric_clip_range():
+    # ratio e^0.3 = 1.35 on a token with A > 0: clipped at 1.2, not clipped at 1.28 + ... = 1.4
+    args = dict(TWO_COMPLETIONS, ref_logp=None)
+    _, tight = grpo_loss(**args, beta=0.0, epsilon_low=0.2, epsilon_high=0.2, loss_type="grpo", max_completion_length=4)
+    _, wide = grpo_loss(**args, beta=0.0, epsilon_low=0.2, epsilon_high=0.4, loss_type="grpo", max_completion_length=4)
+    assert tight["clip/high_frac"] > 0 and wide["clip/high_frac"] == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradients, not just losses
+
+
+def test_grpo_gradient_with_ratio_one_is_minus_advantage_over_length():
+    """At ratio 1 and beta 0 the loss is ~0 but d loss / d logp_it = -A_i / (|o_i| B)."""
+    logp = TWO_COMPLETIONS["logp"].clone().requires_grad_(True)
+    mask, advantages = TWO_COMPLETIONS["mask"], TWO_COMPLETIONS["advantages"]
+    loss, _ = grpo_loss(logp, logp.detach(), None, advantages, mask, beta=0.0, epsilon_low=0.2, epsilon_high=0.2,
+                        loss_type="grpo", max_completion_length=4)
+    loss.backward()
+    B, lengths = 2, mask.sum(dim=1, keepdim=True)
+    expected = -advantages[:, None] / lengths / B * mask
+    torch.testing.assert_close(logp.grad, expected)
+    assert loss.item() == pytest.approx(-advantages.mean().item())  # ratio 1: each sequence's term is -A_i
+
+
+def random_batch(model, tokenizer, seed=0, batch=6, prompt_len=5, completion_len=7):
+    """Token ids with left-padded prompts and completions that end early (after an EOS)."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = model.config.vocab_size
+    prompt_ids = torch.randint(3, vocab, (batch, prompt_len), generator=g)
+    prompt_mask = torch.ones_like(prompt_ids)
+    for i in range(batch):
+        pad = i % 3
+        prompt_ids[i, :pad] = tokenizer.pad_token_id
+        prompt_mask[i, :pad] = 0
+    completion_ids = torch.randint(3, vocab, (batch, completion_len), generator=g)
+    for i in range(batch):
+        end = 2 + i % (completion_len - 2)
+        completion_ids[i, end] = tokenizer.eos_token_id
+        completion_ids[i, end + 1:] = tokenizer.pad_token_id
+    mask = completion_mask(completion_ids, [tokenizer.eos_token_id])
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    attention_mask = torch.cat([prompt_mask, mask], dim=1)
+    return input_ids, attention_mask, mask
+
+
+@pytest.mark.parametrize("loss_type", grpo.LOSS_TYPES)
+def test_gradient_does_not_depend_on_micro_batch_size(tiny, loss_type):
+    model, tokenizer = tiny
+    input_ids, attention_mask, mask = random_batch(model, tokenizer)
+    K, B = mask.shape[1], len(input_ids)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        logp0 = per_token_logps(model, input_ids, attention_mask, K)
+    # An old policy and a reference that differ from the policy, so clipping and KL both act.
+    old_logp = logp0 + 0.3 * torch.randn(logp0.shape, generator=g)
+    ref_logp = logp0 + 0.3 * torch.randn(logp0.shape, generator=g)
+    advantages = torch.randn(B, generator=g)
+    settings = dict(beta=0.04, epsilon_low=0.2, epsilon_high=0.28, loss_type=loss_type, max_completion_length=K,
+                    num_sequences=B, num_tokens=int(mask.sum()))
+
+    def gradient(micro_batch_size):
+        model.zero_grad()
+        for i in range(0, B, micro_batch_size):
+            mb = slice(i, i + micro_batch_size)
+            logp = per_token_logps(model, input_ids[mb], attention_mask[mb], K)
+            loss, _ = grpo_loss(logp, old_logp[mb], ref_logp[mb], advantages[mb], mask[mb], **settings)
+            loss.backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    full, one_by_one = gradient(B), gradient(1)
+    assert full.abs().max() > 0
+    # float32, summed in a different order: agreement to ~1e-6 of the gradient's scale
+    torch.testing.assert_close(one_by_one, full, rtol=1e-4, atol=1e-6 * full.abs().max().item())
+    model.zero_grad()
+
+
+# ---------------------------------------------------------------------------------------------
+# Log-probs
+
+
+def naive_logps(model, input_ids, attention_mask, logits_to_keep, temperature=1.0):
+    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+    logits = logits[:, -logits_to_keep - 1:-1] / temperature
+    return logits.log_softmax(-1).gather(-1, input_ids[:, -logits_to_keep:, None]).squeeze(-1)
+
+
+@pytest.mark.parametrize("chunk_size, temperature", [(1024, 1.0), (5, 0.7)])
+def test_per_token_logps_equals_plain_log_softmax(tiny, chunk_size, temperature):
+    model, tokenizer = tiny
+    input_ids, attention_mask, mask = random_batch(model, tokenizer)
+    K = mask.shape[1]
+    logp = per_token_logps(model, input_ids, attention_mask, K, temperature, chunk_size)
+    expected = naive_logps(model, input_ids, attention_mask, K, temperature)
+    assert logp.shape == expected.shape == mask.shape
+    # Same float32 numbers through different kernels (chunked matmul, logsumexp vs log_softmax).
+    torch.testing.assert_close(logp, expected, rtol=1e-5, atol=1e-5)
+    # The chunks are recomputed in backward (checkpoint); the gradient must be the plain one.
+    (logp * mask).sum().backward()
+    chunked = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    (naive_logps(model, input_ids, attention_mask, K, temperature) * mask).sum().backward()
+    for a, b in zip(chunked, [p.grad for p in model.parameters()]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    model.zero_grad()
+
+
+def test_left_padding_does_not_change_logps(tiny):
+    """Padding a prompt on the left must not shift the positions of its real tokens."""
+    model, tokenizer = tiny
+    ids = torch.randint(3, model.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(3))
+    pad = torch.full((1, 4), tokenizer.pad_token_id)
+    alone = per_token_logps(model, ids, torch.ones_like(ids), 5)
+    padded = per_token_logps(model, torch.cat([pad, ids], 1), torch.cat([torch.zeros_like(pad), torch.ones_like(ids)], 1), 5)
+    torch.testing.assert_close(padded, alone, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Completion mask and sampling
+
+EOS, PAD, X = 2, 0, 7
+
+
+@pytest.mark.parametrize("ids, eos_ids, expected", [
+    ([[X, X, EOS, EOS, EOS]], [EOS], [[1, 1, 1, 0, 0]]),  # pad == EOS: keep the first EOS only
+    ([[EOS, X, X, PAD, PAD]], [EOS], [[1, 0, 0, 0, 0]]),  # EOS first
+    ([[X, X, X, X, X]], [EOS], [[1, 1, 1, 1, 1]]),  # no EOS: truncated, all kept
+    ([[X, 9, X, EOS, X]], [EOS, 9], [[1, 1, 0, 0, 0]]),  # several EOS ids: the first of any
+    ([[X, EOS, PAD], [X, X, 9]], [9, EOS], [[1, 1, 0], [1, 1, 1]]),  # rows are independent
+])
+def test_completion_mask(ids, eos_ids, expected):
+    assert completion_mask(torch.tensor(ids), eos_ids).tolist() == expected
+
+
+def test_generate_completions_one_batch(tiny):
+    model, tokenizer = tiny
+    prompts = [grpo.make_prompt("What is 1 + 2?"), grpo.make_prompt("What is 33 + 4?")]
+    model.generation_config.top_k = 1  # a model's own config must not turn sampling into greedy
+    try:
+        torch.manual_seed(0)
+        rollout = generate_completions(model, tokenizer, prompts, 4, 6, temperature=1.0)
+    finally:
+        model.generation_config.top_k = None
+    B = 8
+    assert rollout.prompt_ids.shape[0] == rollout.completion_ids.shape[0] == B and len(rollout.texts) == B
+    assert rollout.completion_ids.shape[1] <= 6
+    assert (rollout.prompt_ids[:4] == rollout.prompt_ids[0]).all()  # each prompt repeated G times, in a block
+    assert rollout.prompt_mask[:, -1].eq(1).all()  # left padding: every prompt ends at the same column
+    assert len(set(rollout.texts[:4])) > 1  # sampled, not greedy
+    eos = tokenizer.eos_token_id
+    has_eos = (rollout.completion_ids == eos).any(dim=1)
+    assert torch.equal(rollout.truncated, ~has_eos)
+    torch.testing.assert_close(rollout.completion_mask, completion_mask(rollout.completion_ids, [eos]))
+    greedy = [generate_completions(model, tokenizer, prompts[:1], 2, 6, temperature=0.0).texts for _ in range(2)]
+    assert greedy[0][0] == greedy[0][1] == greedy[1][0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Rewards and answer parsing
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("1,000", 1000.0), ("$18", 18.0), ("18.00", 18.0), ("18", 18.0), ("-3", -3.0), (".5", 0.5),
+    ("it costs $1,234.50 total", 1234.5), ("first 3 then 4", 4.0), ("no number", None), ("", None),
+])
+def test_parse_number(text, expected):
+    assert parse_number(text) == expected
+
+
+def test_extract_gold_answer():
+    assert extract_gold_answer("She makes 9 * 2 = $<<9*2=18>>18.\n#### 18") == "18"
+    assert extract_gold_answer("#### 1,000") == "1000"
+    assert extract_gold_answer("a #### b #### 42 ") == "42"
+    assert extract_gold_answer("7") == "7"
+
+
+def test_answer_reward():
+    completions = [
+        "<reasoning>9*2</reasoning>\n<answer>18</answer>",
+        "<reasoning>x</reasoning><answer>$18.00</answer>",
+        "<reasoning>18 eggs</reasoning><answer>17</answer>",  # the answer block decides, not the reasoning
+        "I think it is 16, no, 18",  # no tags: the last number counts
+        "<answer>18</answer> but also <answer>19</answer>",  # the last block counts
+        "<answer></answer>", "", "<answer>eighteen</answer>", "\x00\uffff<answer>",
+    ]
+    assert answer_reward(completions, ["18"] * len(completions)) == [1, 1, 0, 1, 0, 0, 0, 0, 0]
+    assert answer_reward(["<answer>1,000</answer>"], ["1000"]) == [1.0]
+    assert answer_reward([None], ["1"]) == [0.0]
+    with pytest.raises(ValueError):
+        answer_reward(["1", "2"], ["1"])  # a length mismatch is a bug in the caller, not odd text
+
+
+def test_format_reward():
+    completions = [
+        "<reasoning>\nstep\n</reasoning>\n<answer>\n18\n</answer>",
+        "  <reasoning>a</reasoning><answer>1</answer>\n",
+        "<reasoning>a</reasoning><answer>1</answer> trailing text",  # not strict: 4 tags once -> 0.5
+        "<answer>1</answer>",
+        "<reasoning><reasoning></reasoning>",  # repeated tag earns nothing
+        "plain text", "", None,
+    ]
+    assert format_reward(completions) == [1.0, 1.0, 0.5, 0.25, 0.125, 0.0, 0.0, 0.0]
+    assert extract_answer("<answer> 5 </answer>") == " 5 "
+
+
+def test_score_completions_weights_and_components():
+    total, parts = grpo.score_completions(["<reasoning>a</reasoning><answer>3</answer>", "3"], ["3", "4"],
+                                          {"format": 0.5, "answer": 1.0})
+    torch.testing.assert_close(parts["format"], torch.tensor([1.0, 0.0]))
+    torch.testing.assert_close(parts["answer"], torch.tensor([1.0, 0.0]))
+    torch.testing.assert_close(total, torch.tensor([1.5, 0.0]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+def test_data_from_jsonl_file_and_folder(tmp_path):
+    rows = [{"question": "Q1?", "answer": "because\n#### 1,200"}, {"question": "Q2?", "answer": "#### 7"}]
+    file = write_jsonl(tmp_path / "data.jsonl", rows)
+    loaded = grpo.load_dataset_rows(str(file), "train")
+    assert [r["answer"] for r in loaded] == ["1200", "7"]
+    assert loaded[0]["prompt"][0]["role"] == "system" and loaded[0]["prompt"][1] == {"role": "user", "content": "Q1?"}
+    folder = tmp_path / "gsm"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", rows)
+    write_jsonl(folder / "test.jsonl", rows[:1])
+    assert len(grpo.load_dataset_rows(str(folder), "train")) == 2
+    assert len(grpo.load_dataset_rows(str(folder), "test")) == 1
+
+
+def test_data_missing_keys_is_a_clear_error(tmp_path):
+    file = write_jsonl(tmp_path / "bad.jsonl", [{"question": "Q?", "solution": "3"}])
+    with pytest.raises(ConfigError, match=r"lacks the key\(s\) \['answer'\]"):
+        grpo.load_dataset_rows(str(file), "train")
+    (tmp_path / "empty_dir").mkdir()
+    with pytest.raises(ConfigError, match="has no train.jsonl"):
+        grpo.load_dataset_rows(str(tmp_path / "empty_dir"), "train")
+
+
+def test_arithmetic_task():
+    train = grpo.load_dataset_rows("arithmetic", "train", arithmetic_digits=2, seed=5)
+    again = grpo.load_dataset_rows("arithmetic", "train", arithmetic_digits=2, seed=5)
+    test = grpo.load_dataset_rows("arithmetic", "test", arithmetic_digits=2, seed=5)
+    assert train == again and train != test
+    for row in train[:50]:
+        a, b = map(int, row["question"].removeprefix("What is ").removesuffix("?").split(" + "))
+        assert a <= 99 and b <= 99 and int(row["answer"]) == a + b
+    assert max(int(r["answer"]) for r in grpo.load_dataset_rows("arithmetic", "train", arithmetic_digits=1)) <= 18
+
+
+def test_data_order_is_a_seeded_shuffle_per_epoch():
+    rows = [{"i": i} for i in range(10)]
+    steps = [[r["i"] for r in grpo.rows_for_step(rows, s, 4, seed=0)] for s in range(5)]
+    first_epoch = steps[0] + steps[1] + steps[2][:2]
+    assert sorted(first_epoch) == list(range(10))  # every row once per epoch
+    assert steps == [[r["i"] for r in grpo.rows_for_step(rows, s, 4, seed=0)] for s in range(5)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line, end to end
+
+
+def run_cli(*args, cwd=HERE, timeout=300):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    return subprocess.run([sys.executable, str(HERE / "grpo.py"), *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_help_lists_every_config_field():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for f in fields(Config):
+        assert "--" + f.name.replace("_", "-") in result.stdout
+
+
+def test_end_to_end_then_resume(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    common = ["--model", str(tiny_model_dir), "--dataset", "arithmetic", "--output-dir", str(out),
+              "--prompts-per-step", "2", "--num-generations", "4", "--max-completion-length", "8",
+              "--micro-batch-size", "4", "--eval-size", "4", "--save-every", "1", "--log-samples-every", "1",
+              "--device", "cpu"]
+    first = run_cli(*common, "--max-steps", "2")
+    assert first.returncode == 0, first.stderr
+    metrics = grpo.read_jsonl(out / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [1, 2]
+    for key in ("reward/total", "reward/format", "reward/answer", "accuracy", "groups/zero_std_frac",
+                "completion/len_mean", "completion/truncated_frac", "kl", "clip/low_frac", "clip/high_frac",
+                "loss", "grad_norm", "lr", "time/generate", "time/score", "time/logps", "time/update",
+                "memory/peak_mb"):
+        assert key in metrics[0], key
+    assert (out / "checkpoint-2" / "model.safetensors").exists() and not (out / "checkpoint-1").exists()
+    assert (out / "curves.png").stat().st_size > 1000
+    assert len(grpo.read_jsonl(out / "samples.jsonl")) == 4
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["before"]) == {"accuracy", "format_rate", "n"} and results["after"]["n"] == 4
+
+    again = run_cli(*common, "--max-steps", "2")  # a second run into the same folder would mix two runs
+    assert again.returncode != 0 and "already holds a run" in again.stderr
+
+    resumed = run_cli(*common, "--max-steps", "3", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from" in resumed.stdout
+    assert [m["step"] for m in grpo.read_jsonl(out / "metrics.jsonl")] == [1, 2, 3]
+    assert (out / "checkpoint-3").exists() and not (out / "checkpoint-2").exists()
+    assert json.loads((out / "results.json").read_text())["before"] == results["before"]
+
+
+def test_resume_continues_the_same_run(tiny_model_dir, tmp_path):
+    """Stopping after step 2 and resuming gives the same step 3 as running 3 steps straight."""
+    straight = tiny_config(tiny_model_dir, tmp_path, output_dir=str(tmp_path / "straight"), max_steps=3, eval_size=0)
+    stopped = replace(straight, output_dir=str(tmp_path / "stopped"), max_steps=2)
+    grpo.train(straight)
+    grpo.train(stopped)
+    grpo.train(replace(stopped, max_steps=3, resume=True))
+    a, b = (grpo.read_jsonl(Path(cfg.output_dir) / "metrics.jsonl") for cfg in (straight, stopped))
+    # same data, same sampling (RNG restored), same weights and optimizer state
+    assert a[2]["reward/total"] == b[2]["reward/total"]
+    assert a[2]["grad_norm"] == pytest.approx(b[2]["grad_norm"], rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Learning: the signs and the plumbing, end to end
+
+
+def test_a_tiny_model_learns_a_toy_task(tiny_model_dir, tmp_path):
+    """Toy verifiable task: whatever the question, the answer is 7. A random 2-layer model
+    starts near chance (its last number is rarely exactly 7); GRPO must push it up."""
+    rng = random.Random(0)
+    data = write_jsonl(tmp_path / "sevens.jsonl", [
+        {"question": f"What is {rng.randint(0, 9)} + {rng.randint(0, 9)}?", "answer": "#### 7"} for _ in range(200)])
+    cfg = tiny_config(tiny_model_dir, tmp_path, dataset=str(data), max_steps=60, prompts_per_step=8,
+                      num_generations=8, max_completion_length=8, micro_batch_size=32, learning_rate=1e-2,
+                      beta=0.04, format_weight=0.0, eval_size=0, save_every=0, log_samples_every=0)
+    grpo.train(cfg)
+    accuracy = [m["accuracy"] for m in grpo.read_jsonl(Path(cfg.output_dir) / "metrics.jsonl")]
+    # Steps 1-2 sample from (nearly) the untrained model: chance, a few percent. A working loop
+    # is above 0.9 over the last 10 steps here; wrong signs or a broken advantage or mask leave
+    # it near chance or push it to 0. The margins leave room for other seeds and torch versions.
+    chance, last = sum(accuracy[:2]) / 2, sum(accuracy[-10:]) / 10
+    assert chance < 0.25 and last > chance + 0.5, (chance, last)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: a clear error before any long work
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(num_generations=1), "--num-generations is 1"),
+    (dict(prompts_per_step=3, num_generations=4, micro_batch_size=5), "must divide prompts-per-step x num-generations = 12"),
+    (dict(max_completion_length=0), "--max-completion-length is 0"),
+    (dict(max_steps=-1), "--max-steps is -1"),
+    (dict(loss_type="ppo"), "--loss-type 'ppo' is unknown"),
+    (dict(kl_estimator="k9"), "--kl-estimator 'k9' is unknown"),
+    (dict(temperature=0.0), "--temperature is 0.0"),
+    (dict(model="./no/such/model"), "no such model folder"),
+    (dict(dataset="missing.jsonl"), "no such data file or folder"),
+    (dict(resume=True), "no checkpoint-\\* folder"),
+    (dict(lora_r=8, ref_sync_every=10), "--ref-sync-every needs full fine-tuning"),
+])
+def test_bad_config_is_rejected_at_once(tiny_model_dir, tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        grpo.train(tiny_config(tiny_model_dir, tmp_path, **overrides))
+    assert not (tmp_path / "run").exists()  # nothing was started
+
+
+def test_unloadable_model_and_bad_data_fail_with_a_clear_message(tmp_path):
+    not_a_model = tmp_path / "not_a_model"
+    not_a_model.mkdir()
+    result = run_cli("--model", str(not_a_model), "--dataset", "arithmetic", "--output-dir", str(tmp_path / "o"))
+    assert result.returncode != 0 and "cannot be loaded" in result.stderr and "Traceback" not in result.stderr
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"q": "?", "a": "1"}])
+    result = run_cli("--model", str(not_a_model), "--dataset", str(bad), "--output-dir", str(tmp_path / "o"))
+    assert "lacks the key(s) ['answer', 'question']" in result.stderr  # data is checked before the model loads
+    result = run_cli("--num-generations", "1")
+    assert result.returncode != 0 and "--num-generations is 1" in result.stderr
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
+    real_loss, calls = grpo.grpo_loss, []
+
+    def nan_on_second_step(*args, **kwargs):
+        loss, diagnostics = real_loss(*args, **kwargs)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) > 1 else loss), diagnostics
+
+    monkeypatch.setattr(grpo, "grpo_loss", nan_on_second_step)
+    cfg = tiny_config(tiny_model_dir, tmp_path, max_steps=3, micro_batch_size=8, eval_size=0)
+    with pytest.raises(SystemExit, match="step 2: the loss is not finite.*last good checkpoint is .*checkpoint-1"):
+        grpo.train(cfg)
+    assert grpo.latest_checkpoint(Path(cfg.output_dir)).name == "checkpoint-1"
+
+
+def test_ctrl_c_saves_a_checkpoint_to_resume_from(tiny_model_dir, tmp_path, monkeypatch):
+    real_step, calls = grpo.grpo_step, []
+
+    def interrupt_on_third_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(grpo, "grpo_step", interrupt_on_third_step)
+    cfg = tiny_config(tiny_model_dir, tmp_path, max_steps=5, save_every=0, eval_size=0)
+    with pytest.raises(SystemExit, match="interrupted: saved .*checkpoint-2"):
+        grpo.train(cfg)
+    monkeypatch.setattr(grpo, "grpo_step", real_step)
+    grpo.train(replace(cfg, resume=True))
+    assert [m["step"] for m in grpo.read_jsonl(Path(cfg.output_dir) / "metrics.jsonl")] == [1, 2, 3, 4, 5]
+
+
+def test_beta_zero_loads_no_reference_model(tiny_model_dir, tmp_path):
+    cfg = tiny_config(tiny_model_dir, tmp_path, beta=0.0)
+    policy, reference = grpo.load_policy_and_reference(cfg, torch.device("cpu"))
+    assert reference is None
+    policy, reference = grpo.load_policy_and_reference(replace(cfg, beta=0.04), torch.device("cpu"))
+    assert reference is not None and not any(p.requires_grad for p in reference.parameters())
+
+
+def test_mu_greater_than_one_uses_old_logps_and_clips(tiny_model_dir, tmp_path):
+    cfg = tiny_config(tiny_model_dir, tmp_path, mu=3, learning_rate=1e-2, max_steps=2, eval_size=0)
+    grpo.train(cfg)
+    metrics = grpo.read_jsonl(Path(cfg.output_dir) / "metrics.jsonl")
+    # passes 2 and 3 see a moved policy: the ratio leaves 1 (with mu = 1 it is exactly 1)
+    assert any(m["ratio_mean"] != 1.0 for m in metrics)
