@@ -113,7 +113,7 @@ class Config:
     micro_batch_size: int = 8
     """completions per forward/backward pass; changes memory, not the gradient"""
     gradient_checkpointing: bool = False
-    """recompute activations in backward: less memory, about 30% more time"""
+    """recompute activations in backward: less memory, one more forward pass of time"""
     precision: str = "auto"
     """fp32 or bf16 (autocast over fp32 weights); auto = bf16 on CUDA, fp32 elsewhere"""
     logp_chunk_size: int = 1024
@@ -222,7 +222,7 @@ def check_config(cfg: Config) -> None:
         require(latest_checkpoint(output_dir) is not None,
                 f"--resume: no checkpoint-* folder in {output_dir}. Drop --resume to start a new run there.")
     else:
-        require(latest_checkpoint(output_dir) is None,
+        require(latest_checkpoint(output_dir) is None and not (output_dir / "metrics.jsonl").exists(),
                 f"{output_dir} already holds a run. Pass --resume to continue it, or choose another --output-dir.")
 
 
@@ -241,14 +241,19 @@ def make_prompt(question: str) -> list[dict]:
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question}]
 
 
-def arithmetic_problems(n: int, digits: int, seed: int) -> list[dict]:
-    """`n` synthetic problems "What is a + b?" with operands of up to `digits` digits."""
+def arithmetic_problems(n: int, digits: int, seed: int, held_out: bool = False) -> list[dict]:
+    """`n` synthetic problems "What is a + b?" with operands of up to `digits` digits.
+
+    Pairs with (a + 2b) % 5 == 0 are held out (for the test split); the others are for
+    training, so no test problem is ever trained on.
+    """
     rng = random.Random(seed)
     largest = 10**digits - 1
     problems = []
-    for _ in range(n):
+    while len(problems) < n:
         a, b = rng.randint(0, largest), rng.randint(0, largest)
-        problems.append({"question": f"What is {a} + {b}?", "answer": str(a + b)})
+        if ((a + 2 * b) % 5 == 0) == held_out:
+            problems.append({"question": f"What is {a} + {b}?", "answer": str(a + b)})
     return problems
 
 
@@ -262,8 +267,7 @@ def load_dataset_rows(source: str, split: str, dataset_config: str = "main", ari
     """
     path = Path(source).expanduser()
     if source == "arithmetic":
-        split_seed = seed + list(ARITHMETIC_SPLIT_SIZES).index(split)  # different problems per split
-        raw = arithmetic_problems(ARITHMETIC_SPLIT_SIZES[split], arithmetic_digits, split_seed)
+        raw = arithmetic_problems(ARITHMETIC_SPLIT_SIZES[split], arithmetic_digits, seed, held_out=split != "train")
     else:
         from datasets import load_dataset
 
@@ -408,6 +412,10 @@ def per_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     `chunk_size` tokens, only at completion positions. No [B, K, vocab] tensor exists at
     once; with grad on, each chunk is recomputed in backward instead of being kept.
     """
+    # Columns that are padding in every row change nothing: drop them. (A micro-batch is often
+    # one group, G copies of one prompt, and then no left padding is left at all.)
+    first = int(attention_mask.any(dim=0).int().argmax())
+    input_ids, attention_mask = input_ids[:, first:], attention_mask[:, first:]  # [B, T]
     # Left padding: number the positions of real tokens only, as generate() did.
     position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # [B, T]
     hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -676,6 +684,8 @@ def grpo_step(policy, reference, tokenizer, optimizer, rows: list[dict], cfg: Co
                 diagnostics.append((int(mask[mb].sum()), diag))
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 [p for p in policy.parameters() if p.requires_grad], cfg.max_grad_norm)
+            if not torch.isfinite(grad_norm):
+                raise FloatingPointError("the gradient is not finite. Lower --learning-rate, or try --precision fp32.")
             optimizer.step()
     policy.eval()
 
@@ -773,10 +783,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def plot_curves(metrics_path: Path, out_path: Path) -> None:
     """Reward, accuracy, KL and completion length per step, from metrics.jsonl, as one PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: leaves a notebook's plotting backend alone
 
     records = read_jsonl(metrics_path)
     if not records:
@@ -784,15 +791,14 @@ def plot_curves(metrics_path: Path, out_path: Path) -> None:
     steps = [r["step"] for r in records]
     panels = [("reward/total", "mean reward"), ("accuracy", "accuracy (answer reward = 1)"),
               ("kl", "KL(policy || reference)"), ("completion/len_mean", "mean completion length (tokens)")]
-    fig, axes = plt.subplots(2, 2, figsize=(9, 6), dpi=80)
-    for ax, (key, title) in zip(axes.flat, panels):
+    fig = Figure(figsize=(9, 6), dpi=80)
+    for ax, (key, title) in zip(fig.subplots(2, 2).flat, panels):
         ax.plot(steps, [r[key] for r in records], marker="." if len(steps) < 50 else None)
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out_path)
-    plt.close(fig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -822,7 +828,7 @@ def train(cfg: Config) -> dict:
     train_rows = load_dataset_rows(cfg.dataset, "train", cfg.dataset_config, cfg.arithmetic_digits, cfg.seed)
     eval_rows = load_dataset_rows(cfg.dataset, "test", cfg.dataset_config, cfg.arithmetic_digits, cfg.seed)[:cfg.eval_size]
     if Path(cfg.dataset).is_file() and cfg.eval_size:
-        print(f"note: --dataset is a single file, so evaluation uses questions it also trains on.")
+        print("note: --dataset is a single file, so evaluation uses questions it also trains on.")
 
     tokenizer = load_tokenizer(str(resume_from or cfg.model), cfg.trust_remote_code)
     policy, reference = load_policy_and_reference(cfg, device, resume_from)

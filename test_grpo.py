@@ -391,7 +391,8 @@ def test_arithmetic_task():
     train = grpo.load_dataset_rows("arithmetic", "train", arithmetic_digits=2, seed=5)
     again = grpo.load_dataset_rows("arithmetic", "train", arithmetic_digits=2, seed=5)
     test = grpo.load_dataset_rows("arithmetic", "test", arithmetic_digits=2, seed=5)
-    assert train == again and train != test
+    assert train == again
+    assert not {r["question"] for r in train} & {r["question"] for r in test}  # held out: never trained on
     for row in train[:50]:
         a, b = map(int, row["question"].removeprefix("What is ").removesuffix("?").split(" + "))
         assert a <= 99 and b <= 99 and int(row["answer"]) == a + b
@@ -572,3 +573,119 @@ def test_mu_greater_than_one_uses_old_logps_and_clips(tiny_model_dir, tmp_path):
     metrics = grpo.read_jsonl(Path(cfg.output_dir) / "metrics.jsonl")
     # passes 2 and 3 see a moved policy: the ratio leaves 1 (with mu = 1 it is exactly 1)
     assert any(m["ratio_mean"] != 1.0 for m in metrics)
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA: the reference model for free
+
+
+
+def lora_policy(tiny_model_dir, tmp_path, **overrides):
+    cfg = tiny_config(tiny_model_dir, tmp_path, lora_r=4, lora_alpha=8, lora_target_modules="q_proj,v_proj,down_proj",
+                      **overrides)
+    policy, reference = grpo.load_policy_and_reference(cfg, torch.device("cpu"))
+    return cfg, policy, reference
+
+
+def test_lora_trains_only_the_adapter_and_its_reference_is_the_base_model(tiny_model_dir, tmp_path):
+    cfg, policy, reference = lora_policy(tiny_model_dir, tmp_path, learning_rate=1e-2)
+    assert reference is None  # no second copy of the model
+    base = grpo.load_model(str(tiny_model_dir), torch.device("cpu")).eval()
+    tokenizer = grpo.load_tokenizer(str(tiny_model_dir))
+    input_ids, attention_mask, mask = random_batch(base, tokenizer)
+    K = mask.shape[1]
+    with torch.no_grad():
+        base_logp = per_token_logps(base, input_ids, attention_mask, K)
+    before = {name: p.detach().clone() for name, p in policy.named_parameters()}
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate)
+    rows = grpo.load_dataset_rows("arithmetic", "train")[:cfg.prompts_per_step]
+    torch.manual_seed(0)
+    for _ in range(3):
+        grpo.grpo_step(policy, None, tokenizer, optimizer, rows, cfg)
+    changed = {name for name, p in policy.named_parameters() if not torch.equal(p, before[name])}
+    assert changed and all("lora_" in name for name in changed)
+    assert all("lora_" in name for name, p in policy.named_parameters() if p.requires_grad)
+    with torch.no_grad():
+        policy_logp = per_token_logps(policy, input_ids, attention_mask, K)
+        with policy.disable_adapter():
+            ref_logp = per_token_logps(policy, input_ids, attention_mask, K)
+    assert not torch.allclose(policy_logp, base_logp, atol=1e-4)  # the adapter moved the policy
+    torch.testing.assert_close(ref_logp, base_logp, rtol=1e-5, atol=1e-5)  # adapter off = the base model
+
+
+def test_lora_run_saves_an_adapter_that_loads_back_and_resumes(tiny_model_dir, tmp_path):
+    cfg = tiny_config(tiny_model_dir, tmp_path, lora_r=4, lora_alpha=8, learning_rate=1e-2, eval_size=0,
+                      merge_lora=True)
+    grpo.train(cfg)
+    out = Path(cfg.output_dir)
+    adapter = out / "checkpoint-2"
+    assert (adapter / "adapter_model.safetensors").exists() and not (adapter / "model.safetensors").exists()
+    tokenizer = grpo.load_tokenizer(str(adapter))
+    input_ids, attention_mask, mask = random_batch(grpo.load_model(str(tiny_model_dir), torch.device("cpu")), tokenizer)
+    K = mask.shape[1]
+    loaded = grpo.add_lora(grpo.load_model(str(tiny_model_dir), torch.device("cpu")), cfg, adapter).eval()
+    merged = grpo.load_model(str(out / "merged"), torch.device("cpu")).eval()
+    with torch.no_grad():
+        from_adapter = per_token_logps(loaded, input_ids, attention_mask, K)
+        from_merged = per_token_logps(merged, input_ids, attention_mask, K)
+        with loaded.disable_adapter():
+            base = per_token_logps(loaded, input_ids, attention_mask, K)
+    assert not torch.allclose(from_adapter, base, atol=1e-4)  # the saved adapter is a trained one
+    torch.testing.assert_close(from_merged, from_adapter, rtol=1e-4, atol=1e-4)  # merging adds W + BA in float32
+    grpo.train(replace(cfg, max_steps=3, resume=True, merge_lora=False))
+    assert [m["step"] for m in grpo.read_jsonl(out / "metrics.jsonl")] == [1, 2, 3]
+    assert (out / "checkpoint-3" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_dir, tmp_path, lora):
+    overrides = dict(lora_r=4, lora_alpha=8) if lora else {}
+    grads = []
+    for checkpointing in (False, True):
+        cfg = tiny_config(tiny_model_dir, tmp_path, gradient_checkpointing=checkpointing, **overrides)
+        torch.manual_seed(0)  # the same random LoRA A matrices both times
+        policy, _ = grpo.load_policy_and_reference(cfg, torch.device("cpu"))
+        tokenizer = grpo.load_tokenizer(str(tiny_model_dir))
+        input_ids, attention_mask, mask = random_batch(policy, tokenizer)
+        policy.train()
+        logp = per_token_logps(policy, input_ids, attention_mask, mask.shape[1])
+        loss, _ = grpo_loss(logp, logp.detach(), None, torch.linspace(-1, 1, len(logp)), mask, beta=0.0,
+                            epsilon_low=0.2, epsilon_high=0.2, loss_type="grpo", max_completion_length=mask.shape[1])
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in policy.named_parameters() if p.requires_grad})
+    off, on = grads
+    assert off.keys() == on.keys()
+    # Gradient reaches every trainable tensor, except LoRA's A matrices: B starts at 0, so A's gradient is 0 at first.
+    assert all(g.abs().sum() > 0 for name, g in on.items() if "lora_A" not in name)
+    for name in off:  # the same float32 ops recomputed: equal up to kernel-level reordering
+        torch.testing.assert_close(on[name], off[name], rtol=1e-5, atol=1e-7)
+
+
+def test_lora_without_peft_says_how_to_install_it(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "peft", None)  # import peft -> ImportError
+    with pytest.raises(ConfigError, match="pip install peft"):
+        lora_policy(tiny_model_dir, tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# The notebook runs top to bottom (on the tiny model, with tiny sizes)
+
+
+def test_notebook_runs_top_to_bottom(tiny_model_dir, tmp_path, monkeypatch):
+    import nbformat
+    from nbclient import NotebookClient
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [{"question": f"What is {a} + {a}?", "answer": f"{a} + {a} = {2 * a}\n#### {2 * a}"} for a in range(6)]
+    write_jsonl(data / "train.jsonl", rows)
+    write_jsonl(data / "test.jsonl", rows)
+    for name, value in (("MODEL", str(tiny_model_dir)), ("DATA", str(data)), ("TINY", "1"),
+                        ("OUTPUT", str(tmp_path / "notebook-run"))):
+        monkeypatch.setenv(f"GRPO_NOTEBOOK_{name}", value)  # the kernel inherits this environment
+    notebook = nbformat.read(HERE / "notebook.ipynb", as_version=4)
+    NotebookClient(notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(HERE)}}).execute()
+    assert (tmp_path / "notebook-run" / "metrics.jsonl").exists()
+    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
+    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 4  # mask, surrogate, KL, curves
