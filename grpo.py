@@ -24,6 +24,8 @@ Choices this file makes where the paper leaves room, each a flag:
   - `mu` optimizer steps per generated batch (the paper's μ); with mu = 1 the ratio is 1.
   - the reference model can be reset to the policy every N steps (the paper's iterative GRPO).
   - LoRA (`--lora-r`): the reference is then the policy with its adapter switched off.
+  - outcome rewards only (one reward per completion; the paper also tries per-step rewards),
+    and a completion without an <answer> block is read by its last number (rewards.py).
 
 Run `python grpo.py --help` for every flag; the defaults train Qwen2.5-0.5B-Instruct on GSM8K.
 """
@@ -32,9 +34,7 @@ import argparse
 import ast
 import inspect
 import json
-import math
 import random
-import resource
 import shutil
 import sys
 import time
@@ -219,8 +219,10 @@ def check_config(cfg: Config) -> None:
                 f"--{name} {source!r}: no such {what}. Check the path, or pass a Hub id.")
     output_dir = Path(cfg.output_dir)
     if cfg.resume:
-        require(latest_checkpoint(output_dir) is not None,
-                f"--resume: no checkpoint-* folder in {output_dir}. Drop --resume to start a new run there.")
+        latest = latest_checkpoint(output_dir)
+        require(latest is not None, f"--resume: no checkpoint-* folder in {output_dir}. Drop --resume to start a new run there.")
+        done = json.loads((latest / "trainer_state.json").read_text())["step"]
+        require(cfg.max_steps > done, f"--resume: the run in {output_dir} is already at step {done}; pass a larger --max-steps.")
     else:
         require(latest_checkpoint(output_dir) is None and not (output_dir / "metrics.jsonl").exists(),
                 f"{output_dir} already holds a run. Pass --resume to continue it, or choose another --output-dir.")
@@ -621,6 +623,10 @@ def peak_memory_mb(device: torch.device) -> float:
     """Peak GPU memory allocated by torch on CUDA; elsewhere the process's peak resident memory."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
+    try:
+        import resource
+    except ImportError:  # Windows
+        return float("nan")
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
 

@@ -454,6 +454,8 @@ def test_end_to_end_then_resume(tiny_model_dir, tmp_path):
     assert [m["step"] for m in grpo.read_jsonl(out / "metrics.jsonl")] == [1, 2, 3]
     assert (out / "checkpoint-3").exists() and not (out / "checkpoint-2").exists()
     assert json.loads((out / "results.json").read_text())["before"] == results["before"]
+    done = run_cli(*common, "--max-steps", "3", "--resume")
+    assert done.returncode != 0 and "already at step 3; pass a larger --max-steps" in done.stderr
 
 
 def test_resume_continues_the_same_run(tiny_model_dir, tmp_path):
