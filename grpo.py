@@ -44,7 +44,7 @@ from pathlib import Path
 
 import torch
 from torch.utils.checkpoint import checkpoint
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from rewards import (ANSWER_END, ANSWER_START, REASONING_END, REASONING_START, REWARD_FUNCTIONS,
                      extract_gold_answer, format_reward)
