@@ -147,7 +147,7 @@ def test_unknown_loss_type_raises():
 
 
 def test_asymmetric_clip_range():
-    # ratio e^0.3 = 1.35 on a token with A > 0: clipped at 1.2, not clipped at 1.28 + ... = 1.4
+    # ratio e^0.3 = 1.35 on a token with A > 0: clipped by 1 + 0.2, not by 1 + 0.4
     args = dict(TWO_COMPLETIONS, ref_logp=None)
     _, tight = grpo_loss(**args, beta=0.0, epsilon_low=0.2, epsilon_high=0.2, loss_type="grpo", max_completion_length=4)
     _, wide = grpo_loss(**args, beta=0.0, epsilon_low=0.2, epsilon_high=0.4, loss_type="grpo", max_completion_length=4)
@@ -691,3 +691,17 @@ def test_notebook_runs_top_to_bottom(tiny_model_dir, tmp_path, monkeypatch):
     assert (tmp_path / "notebook-run" / "metrics.jsonl").exists()
     outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
     assert sum("image/png" in o.get("data", {}) for o in outputs) >= 4  # mask, surrogate, KL, curves
+
+
+def test_reference_sync_copies_the_policy_and_is_checkpointed(tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    cfg = tiny_config(tiny_model_dir, tmp_path, ref_sync_every=2, learning_rate=1e-2, max_steps=3, eval_size=0,
+                      save_every=2)
+    grpo.train(replace(cfg, max_steps=2))
+    saved = Path(cfg.output_dir) / "checkpoint-2"
+    policy, reference = load_file(saved / "model.safetensors"), load_file(saved / "reference" / "model.safetensors")
+    initial = load_file(tiny_model_dir / "model.safetensors")
+    assert any(not torch.equal(policy[k], initial[k]) for k in policy)  # the policy moved...
+    assert all(torch.equal(policy[k], reference[k]) for k in policy)  # ...and the reference followed at step 2
+    grpo.train(replace(cfg, resume=True))  # resuming loads that reference back
