@@ -7,6 +7,7 @@ Run: python -m pytest -q test_grpo.py
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 from dataclasses import fields, replace
@@ -691,6 +692,19 @@ def test_notebook_runs_top_to_bottom(tiny_model_dir, tmp_path, monkeypatch):
     assert (tmp_path / "notebook-run" / "metrics.jsonl").exists()
     outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
     assert sum("image/png" in o.get("data", {}) for o in outputs) >= 4  # mask, surrogate, KL, curves
+
+
+def test_notebook_links_point_at_the_definitions():
+    # The markdown links to lines like [`grpo_loss`](grpo.py#L461); an edit that moves a function breaks them.
+    import nbformat
+
+    markdown = "".join(c.source for c in nbformat.read(HERE / "notebook.ipynb", as_version=4).cells
+                       if c.cell_type == "markdown")
+    links = re.findall(r"\[`(?:rewards\.)?(\w+)`\]\((grpo\.py|rewards\.py)#L(\d+)\)", markdown)
+    assert len(links) >= 10
+    for name, file, line in links:
+        source_line = (HERE / file).read_text().splitlines()[int(line) - 1]
+        assert re.match(rf"(def|class) {name}\b", source_line), f"{file}#L{line} is not where {name} is defined"
 
 
 def test_reference_sync_copies_the_policy_and_is_checkpointed(tiny_model_dir, tmp_path):
