@@ -544,6 +544,11 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
                           "Qwen/Qwen2.5-0.5B-Instruct, or a local folder with config.json, weights and tokenizer.") from None
     if not tokenizer.chat_template:
         raise ConfigError(f"--model {name!r} has no chat template; use an instruct/chat model.")
+    try:  # some templates refuse a system message (e.g. Gemma's): find out now, not mid-run
+        tokenizer.apply_chat_template(make_prompt("What is 1 + 1?"), tokenize=False, add_generation_prompt=True)
+    except Exception as error:
+        raise ConfigError(f"--model {name!r}: its chat template cannot format a system prompt plus a question "
+                          f"({error}). Use a chat model whose template accepts a system message.") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

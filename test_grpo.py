@@ -529,6 +529,16 @@ def test_unloadable_model_and_bad_data_fail_with_a_clear_message(tmp_path):
     assert result.returncode != 0 and "--num-generations is 1" in result.stderr
 
 
+def test_a_chat_template_without_a_system_role_is_a_clear_error(tiny_model_dir, tmp_path):
+    no_system = tmp_path / "no-system"
+    tokenizer = grpo.load_tokenizer(str(tiny_model_dir))
+    tokenizer.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+                               "{% endif %}" + CHAT_TEMPLATE)
+    tokenizer.save_pretrained(no_system)
+    with pytest.raises(ConfigError, match="cannot format a system prompt.*System role not supported"):
+        grpo.load_tokenizer(str(no_system))
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
     real_loss, calls = grpo.grpo_loss, []
 
