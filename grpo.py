@@ -874,6 +874,7 @@ def train(cfg: Config) -> dict:
             metrics = {"step": step + 1, **metrics}
             with metrics_path.open("a") as f:
                 f.write(json.dumps(metrics) + "\n")
+            completed = step + 1  # the weights now hold this step's update: an interrupt from here saves it
             bar.set_postfix(reward=f"{metrics['reward/total']:.3f}", acc=f"{metrics['accuracy']:.2f}",
                             kl=f"{metrics['kl']:.4f}")
             if cfg.log_samples_every and (step + 1) % cfg.log_samples_every == 0:
@@ -885,7 +886,6 @@ def train(cfg: Config) -> dict:
                 reference.load_state_dict(policy.state_dict())  # iterative GRPO: the reference catches up
             if cfg.save_every and (step + 1) % cfg.save_every == 0:
                 save_checkpoint(output_dir, step + 1, policy, reference, tokenizer, optimizer, cfg)
-            completed = step + 1
     except KeyboardInterrupt:
         # With mu > 1, an interrupt between two of a step's optimizer steps keeps the first one's update.
         path = save_checkpoint(output_dir, completed, policy, reference, tokenizer, optimizer, cfg)

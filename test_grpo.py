@@ -572,6 +572,21 @@ def test_ctrl_c_saves_a_checkpoint_to_resume_from(tiny_model_dir, tmp_path, monk
     assert [m["step"] for m in grpo.read_jsonl(Path(cfg.output_dir) / "metrics.jsonl")] == [1, 2, 3, 4, 5]
 
 
+def test_ctrl_c_after_a_step_keeps_that_step(tiny_model_dir, tmp_path, monkeypatch):
+    real_save = grpo.save_checkpoint
+
+    def interrupt_the_first_save(output_dir, step, *args):  # Ctrl-C while step 2's checkpoint is written
+        monkeypatch.setattr(grpo, "save_checkpoint", real_save)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(grpo, "save_checkpoint", interrupt_the_first_save)
+    cfg = tiny_config(tiny_model_dir, tmp_path, max_steps=4, save_every=2, eval_size=0)
+    with pytest.raises(SystemExit, match="interrupted: saved .*checkpoint-2"):  # not checkpoint-1: step 2 is done
+        grpo.train(cfg)
+    grpo.train(replace(cfg, resume=True))
+    assert [m["step"] for m in grpo.read_jsonl(Path(cfg.output_dir) / "metrics.jsonl")] == [1, 2, 3, 4]
+
+
 def test_beta_zero_loads_no_reference_model(tiny_model_dir, tmp_path):
     cfg = tiny_config(tiny_model_dir, tmp_path, beta=0.0)
     policy, reference = grpo.load_policy_and_reference(cfg, torch.device("cpu"))
