@@ -333,6 +333,21 @@ def completion_mask(ids: torch.Tensor, eos_token_ids: list[int]) -> torch.Tensor
     return (positions[None, :] <= first_eos[:, None]).long()  # [B, T]
 
 
+def prompt_cache(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, repeats: int):
+    """The KV cache of each prompt but its last token, computed once, then repeated `repeats` times.
+
+    The G completions of a question share its prompt, so sampling and scoring them need the
+    prompt's keys and values once, not G times (with prompts as long as the completions, that
+    halves a forward pass). The prompt's last token stays out of the cache: the pass that gets
+    the cache feeds it, and its hidden state predicts the first completion token.
+    """
+    position_ids = (prompt_mask.cumsum(dim=1) - 1).clamp(min=0)  # left padding: count real tokens only
+    cache = model.get_decoder()(input_ids=prompt_ids[:, :-1], attention_mask=prompt_mask[:, :-1],
+                                position_ids=position_ids[:, :-1], use_cache=True).past_key_values
+    cache.batch_repeat_interleave(repeats)  # row i of the cache is prompt i // repeats
+    return cache
+
+
 @torch.no_grad()
 def generate_completions(model, tokenizer, prompts: list[list[dict]], num_generations: int,
                          max_completion_length: int, temperature: float, autocast=nullcontext()) -> Rollout:
@@ -345,16 +360,18 @@ def generate_completions(model, tokenizer, prompts: list[list[dict]], num_genera
     device = next(model.parameters()).device
     texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
     encoded = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
-    prompt_ids = encoded.input_ids.repeat_interleave(num_generations, dim=0).to(device)  # [B, Tp]
-    prompt_mask = encoded.attention_mask.repeat_interleave(num_generations, dim=0).to(device)  # [B, Tp]
+    encoded = encoded.to(device)
+    prompt_ids = encoded.input_ids.repeat_interleave(num_generations, dim=0)  # [B, Tp]
+    prompt_mask = encoded.attention_mask.repeat_interleave(num_generations, dim=0)  # [B, Tp]
     eos_ids = eos_token_ids(model, tokenizer)
     sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
     was_training = model.training
     model.eval()
     with autocast:
-        output = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=max_completion_length,
-                                eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id, repetition_penalty=1.0,
-                                use_cache=True, **sampling)
+        cache = prompt_cache(model, encoded.input_ids, encoded.attention_mask, num_generations)  # P prompts, G rows each
+        output = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, past_key_values=cache,
+                                max_new_tokens=max_completion_length, eos_token_id=eos_ids,
+                                pad_token_id=tokenizer.pad_token_id, repetition_penalty=1.0, use_cache=True, **sampling)
     model.train(was_training)
     completion_ids = output[:, prompt_ids.shape[1]:]  # [B, Tc]
     mask = completion_mask(completion_ids, eos_ids)  # [B, Tc]
@@ -403,25 +420,37 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool 
 
 
 def per_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int,
-                    temperature: float = 1.0, chunk_size: int = 1024) -> torch.Tensor:
+                    temperature: float = 1.0, chunk_size: int = 1024, share_prompt: bool = True) -> torch.Tensor:
     """log π(o_t | q, o_<t) for the last `logits_to_keep` tokens of each row.    # [B, K]
 
     log π(y) = logit[y] - logsumexp(logits), with logits = lm_head(h) / T. The sampler drew
     tokens from softmax(logits / T), so the log-probs divide by the same T: otherwise the
     ratio and the KL would be those of a different policy than the one that sampled.
 
-    Memory: the transformer runs once, then the vocabulary projection runs over chunks of
-    `chunk_size` tokens, only at completion positions. No [B, K, vocab] tensor exists at
-    once; with grad on, each chunk is recomputed in backward instead of being kept.
+    Time: when every row has the same prompt (a micro-batch that is one group, the default),
+    the prompt runs once and its KV cache serves all rows; gradients flow back through it.
+    Memory: the vocabulary projection runs over chunks of `chunk_size` tokens, only at
+    completion positions. No [B, K, vocab] tensor exists at once; with grad on, each chunk
+    is recomputed in backward instead of being kept.
     """
-    # Columns that are padding in every row change nothing: drop them. (A micro-batch is often
-    # one group, G copies of one prompt, and then no left padding is left at all.)
+    # Columns that are padding in every row change nothing: drop them. (A micro-batch that is
+    # one group, G copies of one prompt, then has no left padding left at all.)
     first = int(attention_mask.any(dim=0).int().argmax())
     input_ids, attention_mask = input_ids[:, first:], attention_mask[:, first:]  # [B, T]
     # Left padding: number the positions of real tokens only, as generate() did.
     position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # [B, T]
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                 use_cache=False).last_hidden_state  # [B, T, H]
+    # One prompt for all rows: its cache serves them, and the pass below starts at its last token.
+    # (Not under gradient checkpointing in training, where transformers drops any cache.)
+    end = input_ids.shape[1] - logits_to_keep  # prompt length
+    one_prompt = (len(input_ids) > 1 and end > 1 and bool((input_ids[:, :end] == input_ids[:1, :end]).all())
+                  and bool((attention_mask[:, :end] == attention_mask[:1, :end]).all()))
+    checkpointing = model.training and any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+    start, cache = 0, None
+    if share_prompt and one_prompt and not checkpointing:
+        start, cache = end - 1, prompt_cache(model, input_ids[:1, :end], attention_mask[:1, :end], len(input_ids))
+    hidden = model.get_decoder()(input_ids=input_ids[:, start:], attention_mask=attention_mask,
+                                 position_ids=position_ids[:, start:], past_key_values=cache,
+                                 use_cache=cache is not None).last_hidden_state  # [B, T - start, H]
     hidden = hidden[:, -logits_to_keep - 1:-1]  # [B, K, H]: the state at t predicts token t+1
     targets = input_ids[:, -logits_to_keep:]  # [B, K]
     lm_head = model.get_output_embeddings()

@@ -20,7 +20,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 import grpo
 from grpo import (Config, ConfigError, completion_mask, generate_completions, group_advantages, grpo_loss,
-                  kl_estimate, per_token_logps)
+                  kl_estimate, per_token_logps, prompt_cache)
 from rewards import (TAGS, answer_reward, extract_answer, extract_gold_answer, format_reward, parse_number)
 
 HERE = Path(__file__).parent
@@ -71,6 +71,16 @@ def tiny(tiny_model_dir):
     tokenizer = grpo.load_tokenizer(str(tiny_model_dir))
     model = grpo.load_model(str(tiny_model_dir), torch.device("cpu")).eval()
     return model, tokenizer
+
+
+@pytest.fixture(scope="session")
+def lively(tiny):
+    """The tiny model's architecture with 10x larger random weights: its greedy tokens depend on
+    the prompt (the tiny model's weights are so small that every prompt gets the same reply)."""
+    model, tokenizer = tiny
+    torch.manual_seed(0)
+    config = model.config.__class__(**{**model.config.to_dict(), "initializer_range": 0.2})
+    return LlamaForCausalLM(config).eval(), tokenizer
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -172,14 +182,17 @@ def test_grpo_gradient_with_ratio_one_is_minus_advantage_over_length():
     assert loss.item() == pytest.approx(-advantages.mean().item())  # ratio 1: each sequence's term is -A_i
 
 
-def random_batch(model, tokenizer, seed=0, batch=6, prompt_len=5, completion_len=7):
-    """Token ids with left-padded prompts and completions that end early (after an EOS)."""
+def random_batch(model, tokenizer, seed=0, batch=6, prompt_len=5, completion_len=7, one_prompt=False):
+    """Token ids with left-padded prompts and completions that end early (after an EOS).
+    one_prompt: every row has the same prompt (a group), with the same left padding."""
     g = torch.Generator().manual_seed(seed)
     vocab = model.config.vocab_size
     prompt_ids = torch.randint(3, vocab, (batch, prompt_len), generator=g)
+    if one_prompt:
+        prompt_ids[:] = prompt_ids[0]
     prompt_mask = torch.ones_like(prompt_ids)
     for i in range(batch):
-        pad = i % 3
+        pad = 2 if one_prompt else i % 3
         prompt_ids[i, :pad] = tokenizer.pad_token_id
         prompt_mask[i, :pad] = 0
     completion_ids = torch.randint(3, vocab, (batch, completion_len), generator=g)
@@ -235,12 +248,17 @@ def naive_logps(model, input_ids, attention_mask, logits_to_keep, temperature=1.
     return logits.log_softmax(-1).gather(-1, input_ids[:, -logits_to_keep:, None]).squeeze(-1)
 
 
-@pytest.mark.parametrize("chunk_size, temperature", [(1024, 1.0), (5, 0.7)])
-def test_per_token_logps_equals_plain_log_softmax(tiny, chunk_size, temperature):
+@pytest.mark.parametrize("chunk_size, temperature, one_prompt", [(1024, 1.0, False), (5, 0.7, False), (5, 0.7, True)])
+def test_per_token_logps_equals_plain_log_softmax(tiny, monkeypatch, chunk_size, temperature, one_prompt):
     model, tokenizer = tiny
-    input_ids, attention_mask, mask = random_batch(model, tokenizer)
+    input_ids, attention_mask, mask = random_batch(model, tokenizer, one_prompt=one_prompt)
     K = mask.shape[1]
+    calls = []  # one group: the prompt runs once and all rows get its cache; otherwise no cache
+    monkeypatch.setattr(grpo, "prompt_cache", lambda *args: calls.append(args) or prompt_cache(*args))
+    model.train()  # as in the update (the tiny model has no dropout: same numbers as eval)
     logp = per_token_logps(model, input_ids, attention_mask, K, temperature, chunk_size)
+    model.eval()
+    assert len(calls) == one_prompt and (not calls or len(calls[0][1]) == 1)
     expected = naive_logps(model, input_ids, attention_mask, K, temperature)
     assert logp.shape == expected.shape == mask.shape
     # Same float32 numbers through different kernels (chunked matmul, logsumexp vs log_softmax).
@@ -303,6 +321,41 @@ def test_generate_completions_one_batch(tiny):
     torch.testing.assert_close(rollout.completion_mask, completion_mask(rollout.completion_ids, [eos]))
     greedy = [generate_completions(model, tokenizer, prompts[:1], 2, 6, temperature=0.0).texts for _ in range(2)]
     assert greedy[0][0] == greedy[0][1] == greedy[1][0]
+
+
+def test_prompt_cache_gives_the_plain_forward_pass(lively):
+    """Each prompt run once, its cache repeated G times, then its last token fed: the logits must
+    be those of a full forward pass over the G copies, with left padding on the shorter prompt."""
+    model, tokenizer = lively
+    texts = [tokenizer.apply_chat_template(grpo.make_prompt(q), tokenize=False, add_generation_prompt=True)
+             for q in ("What is 1 + 2?", "What is 33 + 4 + 5 + 6?")]
+    encoded = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    ids, mask = encoded.input_ids.repeat_interleave(3, dim=0), encoded.attention_mask.repeat_interleave(3, dim=0)
+    assert mask[:3].eq(0).any()  # the first prompt is padded
+    position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    with torch.no_grad():
+        plain = model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits[:, -1]  # [6, V]
+        cache = prompt_cache(model, encoded.input_ids, encoded.attention_mask, 3)
+        cached = model(input_ids=ids[:, -1:], attention_mask=mask, position_ids=position_ids[:, -1:],
+                       past_key_values=cache).logits[:, -1]  # [6, V]
+    assert (plain[0] - plain[3]).abs().max() > 0.1  # the two prompts give different logits
+    # float32, the same products split differently (the cache, then one token): ~1e-6 of logits ~1
+    torch.testing.assert_close(cached, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_generate_with_the_shared_prompt_cache_equals_plain_generate(lively):
+    """generate() given the repeated prompt cache: greedy tokens as a plain generate over G copies."""
+    model, tokenizer = lively
+    prompts = [grpo.make_prompt("What is 1 + 2?"), grpo.make_prompt("What is 33 + 4 + 5 + 6?")]
+    rollout = generate_completions(model, tokenizer, prompts, 3, 8, temperature=0.0)
+    assert rollout.texts[0] != rollout.texts[3]  # the replies depend on the prompt
+    with torch.no_grad():
+        plain = model.generate(input_ids=rollout.prompt_ids, attention_mask=rollout.prompt_mask, max_new_tokens=8,
+                               do_sample=False, eos_token_id=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id)
+    completions = plain[:, rollout.prompt_ids.shape[1]:]
+    assert completions.shape == rollout.completion_ids.shape
+    # up to each row's first EOS (after it both pad, and nothing is scored)
+    assert torch.equal(completions * rollout.completion_mask, rollout.completion_ids * rollout.completion_mask)
 
 
 # ---------------------------------------------------------------------------------------------
