@@ -420,7 +420,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool 
 
 
 def per_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int,
-                    temperature: float = 1.0, chunk_size: int = 1024, share_prompt: bool = True) -> torch.Tensor:
+                    temperature: float = 1.0, chunk_size: int = 1024) -> torch.Tensor:
     """log π(o_t | q, o_<t) for the last `logits_to_keep` tokens of each row.    # [B, K]
 
     log π(y) = logit[y] - logsumexp(logits), with logits = lm_head(h) / T. The sampler drew
@@ -446,7 +446,7 @@ def per_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
                   and bool((attention_mask[:, :end] == attention_mask[:1, :end]).all()))
     checkpointing = model.training and any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
     start, cache = 0, None
-    if share_prompt and one_prompt and not checkpointing:
+    if one_prompt and not checkpointing:
         start, cache = end - 1, prompt_cache(model, input_ids[:1, :end], attention_mask[:1, :end], len(input_ids))
     hidden = model.get_decoder()(input_ids=input_ids[:, start:], attention_mask=attention_mask,
                                  position_ids=position_ids[:, start:], past_key_values=cache,
