@@ -593,8 +593,15 @@ def load_model(name: str, device: torch.device, dtype=torch.float32, trust_remot
     except (OSError, ValueError) as error:
         raise ConfigError(f"--model {name!r} cannot be loaded ({error}). It must be a causal LM with "
                           "safetensors weights: a Hub id or a local folder.") from None
-    if getattr(model.config, "final_logit_softcapping", None):
-        raise ConfigError(f"--model {name!r} soft-caps its logits, which per_token_logps does not reproduce.")
+    # per_token_logps applies the output embedding to the last hidden state itself. A model that
+    # changes its logits after that (soft-capping, a logit scale) would be scored as another policy.
+    ids = torch.arange(4)[None]  # [1, 4] any few tokens
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits  # [1, 4, V]
+        ours = model.get_output_embeddings()(model.get_decoder()(input_ids=ids).last_hidden_state)  # [1, 4, V]
+    if not torch.allclose(ours.float(), logits.float(), rtol=1e-4, atol=1e-4):  # the same products, so equal
+        raise ConfigError(f"--model {name!r} transforms its logits after the output layer (soft-capping or "
+                          "scaling), which per_token_logps does not reproduce. Use another model.")
     return model.to(device)
 
 

@@ -592,6 +592,27 @@ def test_a_chat_template_without_a_system_role_is_a_clear_error(tiny_model_dir, 
         grpo.load_tokenizer(str(no_system))
 
 
+@pytest.mark.parametrize("family, plain, transformed", [
+    ("granite", dict(logits_scaling=1.0), dict(logits_scaling=4.0)),  # Granite divides its logits by a scale
+    # Gemma 2 soft-caps them: cap * tanh(logits / cap), with a cap far below this random model's logits so that it bites
+    ("gemma2", dict(final_logit_softcapping=None, head_dim=8), dict(final_logit_softcapping=0.01, head_dim=8)),
+])
+def test_a_model_that_transforms_its_logits_is_refused(tmp_path, family, plain, transformed):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    sizes = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                 num_key_value_heads=2)
+    for settings, refused in ((plain, False), (transformed, True)):
+        torch.manual_seed(0)
+        path = tmp_path / f"{family}-{refused}"
+        AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **sizes, **settings)).save_pretrained(path)
+        if refused:
+            with pytest.raises(ConfigError, match="transforms its logits after the output layer"):
+                grpo.load_model(str(path), torch.device("cpu"))
+        else:
+            grpo.load_model(str(path), torch.device("cpu"))  # the same family without the transform loads
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
     real_loss, calls = grpo.grpo_loss, []
 
