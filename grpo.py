@@ -598,7 +598,11 @@ def load_model(name: str, device: torch.device, dtype=torch.float32, trust_remot
     ids = torch.arange(4)[None]  # [1, 4] any few tokens
     with torch.no_grad():
         logits = model(input_ids=ids).logits  # [1, 4, V]
-        ours = model.get_output_embeddings()(model.get_decoder()(input_ids=ids).last_hidden_state)  # [1, 4, V]
+        try:
+            ours = model.get_output_embeddings()(model.get_decoder()(input_ids=ids).last_hidden_state)  # [1, 4, V]
+        except AttributeError as error:
+            raise ConfigError(f"--model {name!r}: its decoder or output layer cannot be reached ({error}). "
+                              "Upgrade transformers, or use a Llama- or Qwen-like model.") from None
     if not torch.allclose(ours.float(), logits.float(), rtol=1e-4, atol=1e-4):  # the same products, so equal
         raise ConfigError(f"--model {name!r} transforms its logits after the output layer (soft-capping or "
                           "scaling), which per_token_logps does not reproduce. Use another model.")

@@ -613,6 +613,13 @@ def test_a_model_that_transforms_its_logits_is_refused(tmp_path, family, plain, 
             grpo.load_model(str(path), torch.device("cpu"))  # the same family without the transform loads
 
 
+def test_a_model_whose_decoder_cannot_be_reached_is_refused(tiny_model_dir, monkeypatch):
+    # As GPT-2 under older transformers: get_decoder() returns the whole model, whose output has no hidden state.
+    monkeypatch.setattr(LlamaForCausalLM, "get_decoder", lambda self: self)
+    with pytest.raises(ConfigError, match="its decoder or output layer cannot be reached"):
+        grpo.load_model(str(tiny_model_dir), torch.device("cpu"))
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
     real_loss, calls = grpo.grpo_loss, []
 
