@@ -597,13 +597,14 @@ def load_model(name: str, device: torch.device, dtype=torch.float32, trust_remot
     # changes its logits after that (soft-capping, a logit scale) would be scored as another policy.
     ids = torch.arange(4)[None]  # [1, 4] any few tokens
     with torch.no_grad():
-        logits = model(input_ids=ids).logits  # [1, 4, V]
+        logits = model(input_ids=ids).logits[:, :-1].float()  # [1, 3, V]
+        expected = logits.log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)  # [1, 3]
         try:
-            ours = model.get_output_embeddings()(model.get_decoder()(input_ids=ids).last_hidden_state)  # [1, 4, V]
+            ours = per_token_logps(model, ids, torch.ones_like(ids), logits_to_keep=3)  # [1, 3]
         except AttributeError as error:
             raise ConfigError(f"--model {name!r}: its decoder or output layer cannot be reached ({error}). "
                               "Upgrade transformers, or use a Llama- or Qwen-like model.") from None
-    if not torch.allclose(ours.float(), logits.float(), rtol=1e-4, atol=1e-4):  # the same products, so equal
+    if not torch.allclose(ours, expected, atol=1e-4):  # the same products, so equal up to rounding
         raise ConfigError(f"--model {name!r} transforms its logits after the output layer (soft-capping or "
                           "scaling), which per_token_logps does not reproduce. Use another model.")
     return model.to(device)
