@@ -432,13 +432,22 @@ def test_data_from_jsonl_file_and_folder(tmp_path):
     assert len(grpo.load_dataset_rows(str(folder), "test")) == 1
 
 
-def test_data_missing_keys_is_a_clear_error(tmp_path):
+def test_bad_data_is_a_clear_error(tmp_path):
     file = write_jsonl(tmp_path / "bad.jsonl", [{"question": "Q?", "solution": "3"}])
     with pytest.raises(ConfigError, match=r"lacks the key\(s\) \['answer'\]"):
         grpo.load_dataset_rows(str(file), "train")
     (tmp_path / "empty_dir").mkdir()
     with pytest.raises(ConfigError, match="has no train.jsonl"):
         grpo.load_dataset_rows(str(tmp_path / "empty_dir"), "train")
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(ConfigError, match="empty.jsonl' is empty"):
+        grpo.load_dataset_rows(str(tmp_path / "empty.jsonl"), "train")
+    (tmp_path / "broken.jsonl").write_text('{"question": "Q?", "answer": "#### 3"}\nnot json\n')
+    with pytest.raises(ConfigError, match="broken.jsonl' is not JSON lines .*JSON parse error"):
+        grpo.load_dataset_rows(str(tmp_path / "broken.jsonl"), "train")
+    # Offline (as here) the Hub cannot be reached; online this id does not exist: a clear error either way.
+    with pytest.raises(ConfigError, match="'nobody/no-such-dataset' cannot be loaded .*Check the id"):
+        grpo.load_dataset_rows("nobody/no-such-dataset", "train")
 
 
 def test_arithmetic_task():
