@@ -209,6 +209,10 @@ def check_config(cfg: Config) -> None:
     require(cfg.kl_estimator in KL_ESTIMATORS, f"--kl-estimator {cfg.kl_estimator!r} is unknown; choose one of {', '.join(KL_ESTIMATORS)}.")
     require(cfg.precision in PRECISIONS, f"--precision {cfg.precision!r} is unknown; choose one of {', '.join(PRECISIONS)}.")
     require(cfg.device in DEVICES, f"--device {cfg.device!r} is unknown; choose one of {', '.join(DEVICES)}.")
+    require(cfg.device != "cuda" or torch.cuda.is_available(),
+            "--device cuda: torch finds no CUDA GPU here (none, or a CPU-only torch build). Use --device auto.")
+    require(cfg.device != "mps" or torch.backends.mps.is_available(),
+            "--device mps: this machine or torch build has no MPS (Apple GPU). Use --device auto.")
     require(cfg.arithmetic_digits >= 1, f"--arithmetic-digits is {cfg.arithmetic_digits}; use 1 or more.")
     require(not (cfg.lora_r and cfg.ref_sync_every),
             "--ref-sync-every needs full fine-tuning: with LoRA the reference is the base model itself. Set one of them to 0.")
@@ -630,7 +634,12 @@ def add_lora(model, cfg: Config, adapter_dir: Path | None = None):
         return PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=cfg.lora_target_modules.split(","), task_type="CAUSAL_LM")
-    return get_peft_model(model, lora)
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as error:  # no module of the model has one of these names
+        linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise ConfigError(f"--lora-target-modules {cfg.lora_target_modules!r}: {error} "
+                          f"This model's linear layers are named: {','.join(linear)}.") from None
 
 
 def load_policy_and_reference(cfg: Config, device: torch.device, checkpoint_dir: Path | None = None):

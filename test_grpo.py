@@ -579,6 +579,15 @@ def test_bad_config_is_rejected_at_once(tiny_model_dir, tmp_path, overrides, mes
     assert not (tmp_path / "run").exists()  # nothing was started
 
 
+def test_a_device_this_machine_lacks_is_rejected_at_once(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a machine without them
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    for device in ("cuda", "mps"):
+        with pytest.raises(ConfigError, match=f"--device {device}: .*Use --device auto"):
+            grpo.train(tiny_config(tiny_model_dir, tmp_path, device=device))
+    assert not (tmp_path / "run").exists()
+
+
 def test_unloadable_model_and_bad_data_fail_with_a_clear_message(tmp_path):
     not_a_model = tmp_path / "not_a_model"
     not_a_model.mkdir()
@@ -699,8 +708,8 @@ def test_mu_greater_than_one_uses_old_logps_and_clips(tiny_model_dir, tmp_path):
 
 
 def lora_policy(tiny_model_dir, tmp_path, **overrides):
-    cfg = tiny_config(tiny_model_dir, tmp_path, lora_r=4, lora_alpha=8, lora_target_modules="q_proj,v_proj,down_proj",
-                      **overrides)
+    lora = dict(lora_r=4, lora_alpha=8, lora_target_modules="q_proj,v_proj,down_proj")
+    cfg = tiny_config(tiny_model_dir, tmp_path, **{**lora, **overrides})
     policy, reference = grpo.load_policy_and_reference(cfg, torch.device("cpu"))
     return cfg, policy, reference
 
@@ -784,6 +793,11 @@ def test_lora_without_peft_says_how_to_install_it(tiny_model_dir, tmp_path, monk
     monkeypatch.setitem(sys.modules, "peft", None)  # import peft -> ImportError
     with pytest.raises(ConfigError, match="pip install peft"):
         lora_policy(tiny_model_dir, tmp_path)
+
+
+def test_lora_target_modules_the_model_lacks_name_the_ones_it_has(tiny_model_dir, tmp_path):
+    with pytest.raises(ConfigError, match="'qkv_proj,fc1'.* linear layers are named: down_proj,gate_proj,k_proj"):
+        lora_policy(tiny_model_dir, tmp_path, lora_target_modules="qkv_proj,fc1")
 
 
 # ---------------------------------------------------------------------------------------------
