@@ -145,13 +145,18 @@ class Config:
     save_every: int = 50
     """save a checkpoint every N steps (only the latest is kept); 0 = only at the end"""
     resume: bool = False
-    """continue the run in output_dir from its latest checkpoint, up to max_steps"""
+    """continue the run in output_dir from its latest checkpoint, up to max_steps (same settings)"""
 
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cuda", "mps", "cpu")
+# What --resume may change: the length, the step size, the machine and memory, and the logging.
+# Every other field must be the run's own (a different --dataset or --lora-r would be another run).
+CHANGEABLE_ON_RESUME = ("max_steps", "resume", "output_dir", "learning_rate", "weight_decay", "max_grad_norm",
+                        "micro_batch_size", "gradient_checkpointing", "precision", "logp_chunk_size", "device",
+                        "trust_remote_code", "eval_batch_size", "log_samples_every", "save_every", "merge_lora")
 
 
 class ConfigError(ValueError):
@@ -225,8 +230,13 @@ def check_config(cfg: Config) -> None:
     if cfg.resume:
         latest = latest_checkpoint(output_dir)
         require(latest is not None, f"--resume: no checkpoint-* folder in {output_dir}. Drop --resume to start a new run there.")
-        done = json.loads((latest / "trainer_state.json").read_text())["step"]
-        require(cfg.max_steps > done, f"--resume: the run in {output_dir} is already at step {done}; pass a larger --max-steps.")
+        state = json.loads((latest / "trainer_state.json").read_text())
+        require(cfg.max_steps > state["step"],
+                f"--resume: the run in {output_dir} is already at step {state['step']}; pass a larger --max-steps.")
+        differ = [f"--{name.replace('_', '-')} {value!r} (now {getattr(cfg, name)!r})" for name, value in state["config"].items()
+                  if name not in CHANGEABLE_ON_RESUME and value != getattr(cfg, name, value)]
+        require(not differ, f"--resume: the run in {output_dir} has {', '.join(differ)}. "
+                            "Pass the run's own values, or choose another --output-dir for a new run.")
     else:
         require(latest_checkpoint(output_dir) is None and not (output_dir / "metrics.jsonl").exists(),
                 f"{output_dir} already holds a run. Pass --resume to continue it, or choose another --output-dir.")
@@ -912,6 +922,8 @@ def train(cfg: Config) -> dict:
     start_step = 0
     if resume_from:
         start_step = load_checkpoint(resume_from, optimizer)
+        for group in optimizer.param_groups:  # the saved state holds the old values; the flags win
+            group.update(lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         kept = [r for r in read_jsonl(metrics_path) if r["step"] <= start_step]  # drop steps after the checkpoint
         metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         print(f"resuming from {resume_from} at step {start_step}")
@@ -930,7 +942,8 @@ def train(cfg: Config) -> dict:
                 metrics, rollout, rewards, _ = grpo_step(policy, reference, tokenizer, optimizer, rows, cfg, autocast)
             except FloatingPointError as error:
                 last = latest_checkpoint(output_dir)
-                sys.exit(f"step {step + 1}: {error} The last good checkpoint is {last}.")
+                sys.exit(f"step {step + 1}: {error} " + (f"The last good checkpoint is {last}: continue from it with --resume."
+                                                         if last else "No checkpoint was saved yet: start a new --output-dir."))
             metrics = {"step": step + 1, **metrics}
             with metrics_path.open("a") as f:
                 f.write(json.dumps(metrics) + "\n")

@@ -538,6 +538,16 @@ def test_resume_continues_the_same_run(tiny_model_dir, tmp_path):
 # Learning: the signs and the plumbing, end to end
 
 
+def test_resume_refuses_other_settings_but_takes_a_new_learning_rate(tiny_model_dir, tmp_path):
+    cfg = tiny_config(tiny_model_dir, tmp_path, max_steps=1, eval_size=0)
+    grpo.train(cfg)
+    with pytest.raises(ConfigError, match=r"has --seed 0 \(now 1\), --lora-r 0 \(now 4\)\. Pass the run's own values"):
+        grpo.train(replace(cfg, max_steps=2, resume=True, seed=1, lora_r=4))
+    grpo.train(replace(cfg, max_steps=2, resume=True, learning_rate=0.125, gradient_checkpointing=True))
+    # The optimizer's saved state holds lr 1e-6; the flag must win (as after a NaN: "Lower --learning-rate").
+    assert [m["lr"] for m in grpo.read_jsonl(Path(cfg.output_dir) / "metrics.jsonl")] == [cfg.learning_rate, 0.125]
+
+
 def test_a_tiny_model_learns_a_toy_task(tiny_model_dir, tmp_path):
     """Toy verifiable task: whatever the question, the answer is 7. A random 2-layer model
     starts near chance (its last number is rarely exactly 7); GRPO must push it up."""
@@ -648,9 +658,12 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_model_dir, tmp_p
 
     monkeypatch.setattr(grpo, "grpo_loss", nan_on_second_step)
     cfg = tiny_config(tiny_model_dir, tmp_path, max_steps=3, micro_batch_size=8, eval_size=0)
-    with pytest.raises(SystemExit, match="step 2: the loss is not finite.*last good checkpoint is .*checkpoint-1"):
+    with pytest.raises(SystemExit, match="step 2: the loss is not finite.*last good checkpoint is .*checkpoint-1.*--resume"):
         grpo.train(cfg)
     assert grpo.latest_checkpoint(Path(cfg.output_dir)).name == "checkpoint-1"
+    monkeypatch.setattr(grpo, "grpo_loss", real_loss)  # the advice works: resume with a lower learning rate
+    grpo.train(replace(cfg, resume=True, learning_rate=cfg.learning_rate / 10))
+    assert [m["step"] for m in grpo.read_jsonl(Path(cfg.output_dir) / "metrics.jsonl")] == [1, 2, 3]
 
 
 def test_ctrl_c_saves_a_checkpoint_to_resume_from(tiny_model_dir, tmp_path, monkeypatch):
