@@ -534,10 +534,6 @@ def test_resume_continues_the_same_run(tiny_model_dir, tmp_path):
     assert a[2]["grad_norm"] == pytest.approx(b[2]["grad_norm"], rel=1e-5)
 
 
-# ---------------------------------------------------------------------------------------------
-# Learning: the signs and the plumbing, end to end
-
-
 def test_resume_refuses_other_settings_but_takes_a_new_learning_rate(tiny_model_dir, tmp_path):
     cfg = tiny_config(tiny_model_dir, tmp_path, max_steps=1, eval_size=0)
     grpo.train(cfg)
@@ -546,6 +542,10 @@ def test_resume_refuses_other_settings_but_takes_a_new_learning_rate(tiny_model_
     grpo.train(replace(cfg, max_steps=2, resume=True, learning_rate=0.125, gradient_checkpointing=True))
     # The optimizer's saved state holds lr 1e-6; the flag must win (as after a NaN: "Lower --learning-rate").
     assert [m["lr"] for m in grpo.read_jsonl(Path(cfg.output_dir) / "metrics.jsonl")] == [cfg.learning_rate, 0.125]
+
+
+# ---------------------------------------------------------------------------------------------
+# Learning: the signs and the plumbing, end to end
 
 
 def test_a_tiny_model_learns_a_toy_task(tiny_model_dir, tmp_path):
