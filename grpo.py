@@ -292,15 +292,16 @@ def load_dataset_rows(source: str, split: str, dataset_config: str = "main", ari
             path = path / f"{split}.jsonl"
             if not path.exists():
                 raise ConfigError(f"--dataset folder {source!r} has no {split}.jsonl; it needs train.jsonl and test.jsonl.")
-        if path.is_file() and path.stat().st_size == 0:
+        local = path.is_file()
+        if local and path.stat().st_size == 0:
             raise ConfigError(f"--dataset file {str(path)!r} is empty; it needs rows with 'question' and 'answer'.")
         try:
-            if path.is_file():
+            if local:
                 raw = load_dataset("json", data_files=str(path), split="train")
             else:
                 raw = load_dataset(source, dataset_config, split=split)
         except (OSError, ValueError, DatasetsError) as error:
-            if path.is_file():  # datasets keeps the parse error itself in __cause__
+            if local:  # datasets keeps the parse error itself in __cause__
                 raise ConfigError(f"--dataset file {str(path)!r} is not JSON lines ({error.__cause__ or error}); "
                                   "write one JSON object per line, with 'question' and 'answer'.") from None
             raise ConfigError(f"--dataset {source!r} cannot be loaded ({error}). Check the id, --dataset-config and "
