@@ -668,7 +668,10 @@ def load_policy_and_reference(cfg: Config, device: torch.device, checkpoint_dir:
             ref_source = checkpoint_dir / "reference" if checkpoint_dir and cfg.ref_sync_every else cfg.model
             reference = load_model(str(ref_source), device, ref_dtype, cfg.trust_remote_code).eval().requires_grad_(False)
     if cfg.gradient_checkpointing:
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(policy, "activation_checkpointing_enable"):  # the name since transformers 5.23
+            policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.lora_r:
             policy.enable_input_require_grads()  # frozen embeddings: give checkpointed layers an input with grad
     return policy, reference

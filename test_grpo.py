@@ -786,6 +786,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_dir, tmp_pat
         cfg = tiny_config(tiny_model_dir, tmp_path, gradient_checkpointing=checkpointing, **overrides)
         torch.manual_seed(0)  # the same random LoRA A matrices both times
         policy, _ = grpo.load_policy_and_reference(cfg, torch.device("cpu"))
+        assert any(getattr(m, "gradient_checkpointing", False) for m in policy.modules()) == checkpointing
         tokenizer = grpo.load_tokenizer(str(tiny_model_dir))
         input_ids, attention_mask, mask = random_batch(policy, tokenizer)
         policy.train()
