@@ -854,7 +854,9 @@ def save_checkpoint(output_dir: Path, step: int, policy, reference, tokenizer, o
 
 def load_checkpoint(path: Path, optimizer) -> int:
     """Restore optimizer and RNG state from `path` (weights are loaded with the model); return the step."""
-    state = torch.load(path / "trainer_state.pt", weights_only=True)
+    # map_location: a checkpoint saved on a GPU also resumes without one; load_state_dict moves
+    # the AdamW state to each parameter's device.
+    state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"]["torch"])
     if "cuda" in state["rng"] and torch.cuda.is_available():

@@ -544,6 +544,20 @@ def test_resume_refuses_other_settings_but_takes_a_new_learning_rate(tiny_model_
     assert [m["lr"] for m in grpo.read_jsonl(Path(cfg.output_dir) / "metrics.jsonl")] == [cfg.learning_rate, 0.125]
 
 
+def test_a_checkpoint_saved_on_a_gpu_resumes_without_one(tiny_model_dir, tmp_path, monkeypatch):
+    """A GPU run saves AdamW's state as CUDA tensors. Write the checkpoint as such a run would (every
+    storage tagged cuda:0), then resume it here."""
+    cfg = tiny_config(tiny_model_dir, tmp_path, max_steps=1, eval_size=0)
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+        grpo.train(cfg)
+    if not torch.cuda.is_available():  # the file really asks for a GPU: a plain torch.load fails here
+        with pytest.raises(RuntimeError, match="CUDA device"):
+            torch.load(Path(cfg.output_dir) / "checkpoint-1" / "trainer_state.pt", weights_only=True)
+    grpo.train(replace(cfg, max_steps=2, resume=True))
+    assert [m["step"] for m in grpo.read_jsonl(Path(cfg.output_dir) / "metrics.jsonl")] == [1, 2]
+
+
 # ---------------------------------------------------------------------------------------------
 # Learning: the signs and the plumbing, end to end
 
