@@ -230,10 +230,12 @@ def test_gradient_does_not_depend_on_micro_batch_size(tiny, loss_type):
             loss.backward()
         return torch.cat([p.grad.flatten() for p in model.parameters()])
 
-    full, one_by_one = gradient(B), gradient(1)
+    full = gradient(B)
     assert full.abs().max() > 0
-    # float32, summed in a different order: agreement to ~1e-6 of the gradient's scale
-    torch.testing.assert_close(one_by_one, full, rtol=1e-4, atol=1e-6 * full.abs().max().item())
+    for micro_batch_size in (1, 4):  # 4 does not divide B = 6: micro-batches of 4 and 2
+        # float32, summed in a different order: agreement to ~1e-6 of the gradient's scale
+        torch.testing.assert_close(gradient(micro_batch_size), full, rtol=1e-4,
+                                   atol=1e-6 * full.abs().max().item())
     model.zero_grad()
 
 
@@ -241,11 +243,11 @@ def test_gradient_does_not_depend_on_micro_batch_size(tiny, loss_type):
 # Log-probs
 
 
-def naive_logps(model, input_ids, attention_mask, logits_to_keep, temperature=1.0):
+def naive_logps(model, input_ids, attention_mask, completion_length, temperature=1.0):
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
-    logits = logits[:, -logits_to_keep - 1:-1] / temperature
-    return logits.log_softmax(-1).gather(-1, input_ids[:, -logits_to_keep:, None]).squeeze(-1)
+    logits = logits[:, -completion_length - 1:-1] / temperature
+    return logits.log_softmax(-1).gather(-1, input_ids[:, -completion_length:, None]).squeeze(-1)
 
 
 @pytest.mark.parametrize("chunk_size, temperature, one_prompt", [(1024, 1.0, False), (5, 0.7, False), (5, 0.7, True)])
@@ -521,6 +523,43 @@ def test_end_to_end_then_resume(tiny_model_dir, tmp_path):
     assert done.returncode != 0 and "already at step 3; pass a larger --max-steps" in done.stderr
 
 
+@pytest.mark.parametrize("loss_type", grpo.LOSS_TYPES)
+def test_a_micro_batch_size_that_does_not_divide_the_batch_gives_the_same_step(tiny_model_dir, tmp_path,
+                                                                              loss_type):
+    """P x G = 8 completions in micro-batches of 3 (3 + 3 + 2) or all at once: the loss divides by
+    whole-batch totals, so the first step's loss and gradient norm are the same."""
+    runs = []
+    for micro_batch_size in (8, 3):
+        cfg = tiny_config(tiny_model_dir, tmp_path, output_dir=str(tmp_path / str(micro_batch_size)),
+                          micro_batch_size=micro_batch_size, loss_type=loss_type, max_steps=1, mu=2,
+                          learning_rate=1e-2, eval_size=0, save_every=0)
+        grpo.train(cfg)
+        runs.append(grpo.read_jsonl(Path(cfg.output_dir) / "metrics.jsonl")[0])
+    whole, split = runs
+    assert whole["grad_norm"] > 0 and whole["reward/total"] == split["reward/total"]  # same samples
+    # float32 sums in another order (mu = 2: the second pass also sees a moved policy): ~1e-6
+    for key in ("grad_norm", "loss", "kl", "ratio_mean"):
+        assert split[key] == pytest.approx(whole[key], rel=1e-4, abs=1e-6), key
+
+
+def test_the_logged_loss_is_the_mean_over_the_mu_passes(tiny_model_dir, tmp_path, monkeypatch):
+    real_loss, losses = grpo.grpo_loss, []
+
+    def recording_loss(*args, **kwargs):
+        loss, diagnostics = real_loss(*args, **kwargs)
+        losses.append(loss.item())
+        return loss, diagnostics
+
+    monkeypatch.setattr(grpo, "grpo_loss", recording_loss)
+    cfg = tiny_config(tiny_model_dir, tmp_path, mu=3, max_steps=1, learning_rate=1e-2, eval_size=0, save_every=0)
+    grpo.train(cfg)
+    logged = grpo.read_jsonl(Path(cfg.output_dir) / "metrics.jsonl")[0]["loss"]
+    assert len(losses) == 3 * 2  # P x G = 8 completions in micro-batches of 4, three passes
+    passes = [losses[0] + losses[1], losses[2] + losses[3], losses[4] + losses[5]]  # each pass's loss
+    assert passes[0] != pytest.approx(passes[2])  # the passes see a moved policy: a mean is not the last one
+    assert logged == pytest.approx(sum(passes) / 3, rel=1e-6)
+
+
 def test_resume_continues_the_same_run(tiny_model_dir, tmp_path):
     """Stopping after step 2 and resuming gives the same step 3 as running 3 steps straight."""
     straight = tiny_config(tiny_model_dir, tmp_path, output_dir=str(tmp_path / "straight"), max_steps=3, eval_size=0)
@@ -586,7 +625,7 @@ def test_a_tiny_model_learns_a_toy_task(tiny_model_dir, tmp_path):
 
 @pytest.mark.parametrize("overrides, message", [
     (dict(num_generations=1), "--num-generations is 1"),
-    (dict(prompts_per_step=3, num_generations=4, micro_batch_size=5), "must divide prompts-per-step x num-generations = 12"),
+    (dict(micro_batch_size=0), "--micro-batch-size is 0"),
     (dict(max_completion_length=0), "--max-completion-length is 0"),
     (dict(max_steps=-1), "--max-steps is -1"),
     (dict(loss_type="ppo"), "--loss-type 'ppo' is unknown"),
