@@ -12,8 +12,9 @@ Part 1, "GRPO", reads top to bottom in the order of one step, then the loop and 
 Part 2, "Machinery", is looked up, not read: flags, data, devices, loading, checkpoints, logs.
 
 The objective (the paper's eq. 3), for the G completions o_i of a question q:
-  J(θ) = E[ 1/G Σ_i 1/|o_i| Σ_t ( min(ρ_it Â_it, clip(ρ_it, 1-ε, 1+ε) Â_it) - β D_KL_it ) ]
-  ρ_it = π_θ(o_it | q, o_i,<t) / π_θ_old(o_it | q, o_i,<t)      Â_it = (r_i - mean(r)) / std(r)
+  J(θ) = E[ 1/G Σ_i 1/|o_i| Σ_t ( min(ρ_it Â_it, clip(ρ_it, 1-ε, 1+ε) Â_it) - β D_KL ) ]
+  ρ_it = π_θ(o_it | q, o_i,<t) / π_θ_old(o_it | q, o_i,<t)
+  Â_it = (r_i - mean(r)) / std(r)
 
 Where this file picks among variants or departs from the paper (each a flag):
   - `loss_type`: `grpo` is the paper's 1/G Σ_i 1/|o_i| Σ_t; `bnpo` averages over all tokens
@@ -258,8 +259,8 @@ def frozen_logps(model, input_ids, attention_mask, completion_length: int, cfg: 
 # ---- 5. The loss --------------------------------------------------------------------------------
 
 def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3") -> torch.Tensor:
-    """Per-token estimate of KL(π_θ || π_ref) from samples of π_θ, log_r = log π_ref - log π_θ
-    (Schulman, "Approximating KL Divergence"): k1 = -log_r (unbiased, can be negative);
+    """Per-token estimate of KL(π_θ || π_ref) from samples of π_θ, with log_r = log π_ref -
+    log π_θ (Schulman, "Approximating KL Divergence"): k1 = -log_r (unbiased, can be negative);
     k2 = log_r² / 2; k3 = e^log_r - log_r - 1 (unbiased, never negative; the paper's eq. 4)."""
     log_r = ref_logp - logp
     if kind == "k1":
