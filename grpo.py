@@ -9,7 +9,8 @@ Part 1, "GRPO", reads top to bottom in the order of one step, then the loop and 
   3. advantage = reward normalized within its question's group: no critic
   4. per-token log-probs of the completions under the policy, the old policy, the reference
   5. minimize the clipped surrogate loss plus β·KL(policy || reference), then step AdamW
-Part 2, "Machinery", is looked up, not read: flags, data, devices, loading, checkpoints, logs.
+Part 2, "Machinery", is looked up, not read: flags, devices, loading, checkpoints, logs.
+The task (the prompt, the questions and the rewards) is rewards.py's.
 
 The objective (the paper's eq. 3), for the G completions o_i of a question q:
   J(θ) = E[ 1/G Σ_i 1/|o_i| Σ_t ( min(ρ_it Â_it, clip(ρ_it, 1-ε, 1+ε) Â_it) - β D_KL ) ]
@@ -34,7 +35,6 @@ import argparse
 import ast
 import inspect
 import json
-import random
 import shutil
 import sys
 import time
@@ -46,12 +46,9 @@ import torch
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from rewards import (ANSWER_END, ANSWER_START, REASONING_END, REASONING_START, REWARD_FUNCTIONS,
-                     extract_gold_answer, format_reward)
+from rewards import REWARD_FUNCTIONS, ConfigError, format_reward, load_dataset_rows, make_prompt
 
-# =============================================================================================
-# Part 1: GRPO
-# =============================================================================================
+# ==== Part 1: GRPO ================================================================================
 
 LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # Qwen2.5's, Llama's
 
@@ -104,18 +101,6 @@ class Config:
     log_samples_every: int = 10  # write two completions to samples.jsonl every N steps
     save_every: int = 50  # save a checkpoint every N steps (the latest is kept); 0 = at the end
     resume: bool = False  # continue the run in output_dir from its latest checkpoint
-
-
-SYSTEM_PROMPT = (
-    "Solve the math problem. First think step by step, then give only the final number. "
-    "Reply in exactly this format:\n"
-    f"{REASONING_START}\n...\n{REASONING_END}\n{ANSWER_START}\n...\n{ANSWER_END}"
-)
-
-def make_prompt(question: str) -> list[dict]:
-    """Chat messages for one question; the tokenizer's chat template turns them into text."""
-    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question}]
-
 
 # ---- 1. Sampling: G completions of each of P prompts, in one batch of B = P*G -------------------
 
@@ -181,7 +166,6 @@ def completion_mask(ids: torch.Tensor, eos_token_ids: list[int]) -> torch.Tensor
     first_eos = torch.where(is_eos.any(dim=1), is_eos.int().argmax(dim=1), ids.shape[1])  # [B]
     return (torch.arange(ids.shape[1], device=ids.device) <= first_eos[:, None]).long()  # [B, T]
 
-
 # ---- 2. Rewards (rules in rewards.py); 3. advantages: the group is the baseline, no critic ---
 
 def score_completions(completions: list[str], answers: list[str], weights: dict[str, float]):
@@ -201,7 +185,6 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool 
         advantages = advantages / (grouped.std(dim=1, keepdim=True) + eps)
     all_equal = (grouped == grouped[:, :1]).all(dim=1, keepdim=True)  # [P, 1]: teaches nothing
     return advantages.masked_fill(all_equal, 0.0).view(-1)  # [B]
-
 
 # ---- 4. Log-probs of the completion tokens ------------------------------------------------------
 
@@ -254,7 +237,6 @@ def frozen_logps(model, input_ids, attention_mask, completion_length: int, cfg: 
         return torch.cat([per_token_logps(model, input_ids[i:i + mb], attention_mask[i:i + mb],
                                           completion_length, cfg.temperature, cfg.logp_chunk_size)
                           for i in range(0, len(input_ids), mb)])  # [B, T]
-
 
 # ---- 5. The loss --------------------------------------------------------------------------------
 
@@ -312,7 +294,6 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, beta: float, epsilo
                        "ratio_mean": token_mean(ratio)}
     return loss, diagnostics
 
-
 # ---- One step, the loop, evaluation -------------------------------------------------------------
 
 def grpo_step(policy, reference, tokenizer, optimizer, rows: list[dict], cfg: Config,
@@ -336,7 +317,7 @@ def grpo_step(policy, reference, tokenizer, optimizer, rows: list[dict], cfg: Co
     T, B = mask.shape[1], len(input_ids)
     with timed(times, "time/logps", device):
         old_logp, ref_logp = None, None
-        if cfg.mu > 1:
+        if cfg.mu > 1:  # π_θ_old: the policy as it sampled
             old_logp = frozen_logps(policy, input_ids, attention_mask, T, cfg, autocast)
         if cfg.beta > 0:  # with LoRA the reference is the policy with its adapter switched off
             with policy.disable_adapter() if reference is None else nullcontext():
@@ -395,8 +376,7 @@ def train(cfg: Config) -> dict:
     write_results(cfg, results)
 
     completed = start_step  # steps whose update the weights hold
-    bar = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps,
-               desc="GRPO")
+    bar = tqdm(range(start_step, cfg.max_steps), "GRPO", initial=start_step, total=cfg.max_steps)
     try:
         for step in bar:
             rows = rows_for_step(train_rows, step, cfg.prompts_per_step, cfg.seed)
@@ -441,22 +421,14 @@ def evaluate(model, tokenizer, rows: list[dict], batch_size: int = 32,
     n = max(len(rows), 1)
     return {"accuracy": correct / n, "format_rate": formatted / n, "n": len(rows)}
 
+# ==== Part 2: Machinery (flags, devices, loading, checkpoints, logs, main) ========================
 
-# =============================================================================================
-# Part 2: Machinery (flags, data, devices, loading, checkpoints, logs, main)
-# =============================================================================================
-
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo")
-KL_ESTIMATORS = ("k1", "k2", "k3")
-# What --resume may change: the length, the step size, the machine and memory, and the logging.
-# Every other field must be the run's own (another --dataset or --lora-r is another run).
+LOSS_TYPES, KL_ESTIMATORS = ("grpo", "bnpo", "dr_grpo"), ("k1", "k2", "k3")
+# What --resume may change (length, step size, machine, memory, logs); the rest is the run's own.
 CHANGEABLE_ON_RESUME = (
     "max_steps", "resume", "output_dir", "learning_rate", "weight_decay", "max_grad_norm",
     "micro_batch_size", "gradient_checkpointing", "precision", "logp_chunk_size", "device",
     "trust_remote_code", "eval_batch_size", "log_samples_every", "save_every", "merge_lora")
-
-class ConfigError(ValueError):
-    """Bad input, found before any long work starts."""
 
 def require(ok: bool, message: str) -> None:
     if not ok:
@@ -497,10 +469,6 @@ def check_config(cfg: Config) -> None:
                           ("device", ("auto", "cuda", "mps", "cpu"))):
         require(getattr(cfg, name) in choices, f"{flag(name)} {getattr(cfg, name)!r} is "
                                                f"unknown; choose one of {', '.join(choices)}.")
-    for device, available in (("cuda", torch.cuda.is_available()),
-                              ("mps", torch.backends.mps.is_available())):
-        require(cfg.device != device or available, f"--device {device}: torch finds no such "
-                "device here (none, or a torch build without it). Use --device auto.")
     require(not (cfg.lora_r and cfg.ref_sync_every), "--ref-sync-every needs full fine-tuning: "
             "with LoRA the reference is the base model itself. Set one of them to 0.")
     for name, what in (("model", "model folder"), ("dataset", "data file or folder")):
@@ -527,56 +495,7 @@ def check_output_dir(cfg: Config) -> None:
     require(not differ, f"--resume: the run in {out} has {', '.join(differ)}. Pass the run's "
                         "own values, or choose another --output-dir for a new run.")
 
-
-# ---- Data ---------------------------------------------------------------------------------------
-
-def load_dataset_rows(source: str, split: str, dataset_config: str = "main",
-                      arithmetic_digits: int = 1, seed: int = 0) -> list[dict]:
-    """Rows {question, prompt, answer} of `arithmetic`, a JSON-lines file, a folder of them, or
-    a Hub dataset; GSM8K's keys: "question" and "answer" (the final answer after '####')."""
-    if source == "arithmetic":
-        raw = arithmetic_problems(10_000 if split == "train" else 1_000, arithmetic_digits, seed,
-                                  held_out=split != "train")
-    else:
-        raw = load_question_answer_rows(source, split, dataset_config)
-    return [{"question": r["question"], "prompt": make_prompt(r["question"]),
-             "answer": extract_gold_answer(r["answer"])} for r in raw]
-
-def arithmetic_problems(n: int, digits: int, seed: int, held_out: bool = False) -> list[dict]:
-    """`n` problems "What is a + b?"; pairs with (a + 2b) % 5 == 0 are the held-out ones."""
-    rng, problems = random.Random(seed), []
-    while len(problems) < n:
-        a, b = rng.randint(0, 10**digits - 1), rng.randint(0, 10**digits - 1)
-        if ((a + 2 * b) % 5 == 0) == held_out:
-            problems.append({"question": f"What is {a} + {b}?", "answer": str(a + b)})
-    return problems
-
-def load_question_answer_rows(source: str, split: str, dataset_config: str):
-    from datasets import load_dataset
-    from datasets.exceptions import DatasetsError
-
-    path = Path(source).expanduser()
-    if path.is_dir():
-        path = path / f"{split}.jsonl"
-        require(path.exists(), f"--dataset folder {source!r} has no {split}.jsonl; it needs "
-                               "train.jsonl and test.jsonl.")
-    local = path.is_file()
-    require(not local or path.stat().st_size > 0, f"--dataset file {str(path)!r} is empty; "
-                                                  "it needs rows with 'question' and 'answer'.")
-    try:
-        raw = (load_dataset("json", data_files=str(path), split="train") if local
-               else load_dataset(source, dataset_config, split=split))
-    except (OSError, ValueError, DatasetsError) as error:
-        if local:  # datasets keeps the parse error itself in __cause__
-            raise ConfigError(f"--dataset file {str(path)!r} is not JSON lines ("
-                              f"{error.__cause__ or error}); write one JSON object per line, "
-                              "with 'question' and 'answer'.") from None
-        raise ConfigError(f"--dataset {source!r} cannot be loaded ({error}). Check the id, "
-                          "--dataset-config and the network, or pass a local file.") from None
-    missing = {"question", "answer"} - set(raw.column_names)
-    require(not missing, f"--dataset {source!r} lacks the key(s) {sorted(missing)}; each row "
-                         "needs 'question' and 'answer'.")
-    return raw
+# ---- Data: which rows, in which order ------------------------------------------------------------
 
 def load_train_and_eval_rows(cfg: Config) -> tuple[list[dict], list[dict]]:
     settings = (cfg.dataset_config, cfg.arithmetic_digits, cfg.seed)
@@ -595,13 +514,14 @@ def rows_for_step(rows: list[dict], step: int, prompts_per_step: int, seed: int)
         picked.append(rows[order[i]])
     return picked
 
-
 # ---- Devices, precision, time and memory --------------------------------------------------------
 
 def pick_device(name: str) -> torch.device:
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
     if name == "auto":
-        name = ("cuda" if torch.cuda.is_available() else
-                "mps" if torch.backends.mps.is_available() else "cpu")
+        name = next((kind for kind in ("cuda", "mps") if available[kind]), "cpu")
+    require(available.get(name, True), f"--device {name}: torch finds no such device here "
+            "(none, or a torch build without it). Use --device auto.")
     return torch.device(name)
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -628,13 +548,12 @@ def peak_memory_mb(device: torch.device) -> float:
     """Peak GPU memory allocated by torch on CUDA; elsewhere the process's peak resident memory."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
-    try:
-        import resource
-    except ImportError:  # Windows
+    if sys.platform == "win32":  # no `resource` module
         return float("nan")
+    import resource
+
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, else KiB
-
 
 # ---- Tokenizer, models, LoRA --------------------------------------------------------------------
 
@@ -728,7 +647,6 @@ def load_policy_and_reference(cfg: Config, device: torch.device,
             policy.enable_input_require_grads()
     return policy, reference
 
-
 # ---- Checkpoints, resume, stops -----------------------------------------------------------------
 
 def latest_checkpoint(output_dir: Path) -> Path | None:
@@ -791,7 +709,6 @@ def stop_run(output_dir: Path, completed: int, reason: BaseException, *to_save) 
     path = save_checkpoint(output_dir, completed, *to_save)
     plot_curves(output_dir / "metrics.jsonl", output_dir / "curves.png")
     sys.exit(f"\ninterrupted: saved {path}; continue with --resume --output-dir {output_dir}")
-
 
 # ---- Metrics, logs, plots, main -----------------------------------------------------------------
 

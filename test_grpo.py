@@ -19,6 +19,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 import grpo
+import rewards
 from grpo import (Config, ConfigError, completion_mask, generate_completions, group_advantages, grpo_loss,
                   kl_estimate, per_token_logps, prompt_cache)
 from rewards import (TAGS, answer_reward, extract_answer, extract_gold_answer, format_reward, parse_number)
@@ -39,7 +40,7 @@ def build_tiny_chat_model(path: Path, seed: int = 0) -> Path:
     """Save a tokenizer (the system prompt's words, digits one per token, the four tags as
     single tokens, EOS used as pad) and a random 2-layer Llama to `path`."""
     pre = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Digits(individual_digits=True)])
-    text = grpo.SYSTEM_PROMPT + " What is + ? system user assistant"
+    text = rewards.SYSTEM_PROMPT + " What is + ? system user assistant"
     for tag in TAGS:
         text = text.replace(tag, " ")
     words = sorted({w for w, _ in pre.pre_tokenize_str(text)} | set("0123456789"))
@@ -304,7 +305,7 @@ def test_completion_mask(ids, eos_ids, expected):
 
 def test_generate_completions_one_batch(tiny):
     model, tokenizer = tiny
-    prompts = [grpo.make_prompt("What is 1 + 2?"), grpo.make_prompt("What is 33 + 4?")]
+    prompts = [rewards.make_prompt("What is 1 + 2?"), rewards.make_prompt("What is 33 + 4?")]
     model.generation_config.top_k = 1  # a model's own config must not turn sampling into greedy
     try:
         torch.manual_seed(0)
@@ -329,7 +330,7 @@ def test_prompt_cache_gives_the_plain_forward_pass(lively):
     """Each prompt run once, its cache repeated G times, then its last token fed: the logits must
     be those of a full forward pass over the G copies, with left padding on the shorter prompt."""
     model, tokenizer = lively
-    texts = [tokenizer.apply_chat_template(grpo.make_prompt(q), tokenize=False, add_generation_prompt=True)
+    texts = [tokenizer.apply_chat_template(rewards.make_prompt(q), tokenize=False, add_generation_prompt=True)
              for q in ("What is 1 + 2?", "What is 33 + 4 + 5 + 6?")]
     encoded = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
     ids, mask = encoded.input_ids.repeat_interleave(3, dim=0), encoded.attention_mask.repeat_interleave(3, dim=0)
@@ -348,7 +349,7 @@ def test_prompt_cache_gives_the_plain_forward_pass(lively):
 def test_generate_with_the_shared_prompt_cache_equals_plain_generate(lively):
     """generate() given the repeated prompt cache: greedy tokens as a plain generate over G copies."""
     model, tokenizer = lively
-    prompts = [grpo.make_prompt("What is 1 + 2?"), grpo.make_prompt("What is 33 + 4 + 5 + 6?")]
+    prompts = [rewards.make_prompt("What is 1 + 2?"), rewards.make_prompt("What is 33 + 4 + 5 + 6?")]
     rollout = generate_completions(model, tokenizer, prompts, 3, 8, temperature=0.0)
     assert rollout.texts[0] != rollout.texts[3]  # the replies depend on the prompt
     with torch.no_grad():
@@ -423,45 +424,45 @@ def test_score_completions_weights_and_components():
 def test_data_from_jsonl_file_and_folder(tmp_path):
     rows = [{"question": "Q1?", "answer": "because\n#### 1,200"}, {"question": "Q2?", "answer": "#### 7"}]
     file = write_jsonl(tmp_path / "data.jsonl", rows)
-    loaded = grpo.load_dataset_rows(str(file), "train")
+    loaded = rewards.load_dataset_rows(str(file), "train")
     assert [r["answer"] for r in loaded] == ["1200", "7"]
     assert loaded[0]["prompt"][0]["role"] == "system" and loaded[0]["prompt"][1] == {"role": "user", "content": "Q1?"}
     folder = tmp_path / "gsm"
     folder.mkdir()
     write_jsonl(folder / "train.jsonl", rows)
     write_jsonl(folder / "test.jsonl", rows[:1])
-    assert len(grpo.load_dataset_rows(str(folder), "train")) == 2
-    assert len(grpo.load_dataset_rows(str(folder), "test")) == 1
+    assert len(rewards.load_dataset_rows(str(folder), "train")) == 2
+    assert len(rewards.load_dataset_rows(str(folder), "test")) == 1
 
 
 def test_bad_data_is_a_clear_error(tmp_path):
     file = write_jsonl(tmp_path / "bad.jsonl", [{"question": "Q?", "solution": "3"}])
     with pytest.raises(ConfigError, match=r"lacks the key\(s\) \['answer'\]"):
-        grpo.load_dataset_rows(str(file), "train")
+        rewards.load_dataset_rows(str(file), "train")
     (tmp_path / "empty_dir").mkdir()
     with pytest.raises(ConfigError, match="has no train.jsonl"):
-        grpo.load_dataset_rows(str(tmp_path / "empty_dir"), "train")
+        rewards.load_dataset_rows(str(tmp_path / "empty_dir"), "train")
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(ConfigError, match="empty.jsonl' is empty"):
-        grpo.load_dataset_rows(str(tmp_path / "empty.jsonl"), "train")
+        rewards.load_dataset_rows(str(tmp_path / "empty.jsonl"), "train")
     (tmp_path / "broken.jsonl").write_text('{"question": "Q?", "answer": "#### 3"}\nnot json\n')
     with pytest.raises(ConfigError, match="broken.jsonl' is not JSON lines .*JSON parse error"):
-        grpo.load_dataset_rows(str(tmp_path / "broken.jsonl"), "train")
+        rewards.load_dataset_rows(str(tmp_path / "broken.jsonl"), "train")
     # Offline (as here) the Hub cannot be reached; online this id does not exist: a clear error either way.
     with pytest.raises(ConfigError, match="'nobody/no-such-dataset' cannot be loaded .*Check the id"):
-        grpo.load_dataset_rows("nobody/no-such-dataset", "train")
+        rewards.load_dataset_rows("nobody/no-such-dataset", "train")
 
 
 def test_arithmetic_task():
-    train = grpo.load_dataset_rows("arithmetic", "train", arithmetic_digits=2, seed=5)
-    again = grpo.load_dataset_rows("arithmetic", "train", arithmetic_digits=2, seed=5)
-    test = grpo.load_dataset_rows("arithmetic", "test", arithmetic_digits=2, seed=5)
+    train = rewards.load_dataset_rows("arithmetic", "train", arithmetic_digits=2, seed=5)
+    again = rewards.load_dataset_rows("arithmetic", "train", arithmetic_digits=2, seed=5)
+    test = rewards.load_dataset_rows("arithmetic", "test", arithmetic_digits=2, seed=5)
     assert train == again
     assert not {r["question"] for r in train} & {r["question"] for r in test}  # held out: never trained on
     for row in train[:50]:
         a, b = map(int, row["question"].removeprefix("What is ").removesuffix("?").split(" + "))
         assert a <= 99 and b <= 99 and int(row["answer"]) == a + b
-    assert max(int(r["answer"]) for r in grpo.load_dataset_rows("arithmetic", "train", arithmetic_digits=1)) <= 18
+    assert max(int(r["answer"]) for r in rewards.load_dataset_rows("arithmetic", "train", arithmetic_digits=1)) <= 18
 
 
 def test_data_order_is_a_seeded_shuffle_per_epoch():
@@ -792,7 +793,7 @@ def test_lora_trains_only_the_adapter_and_its_reference_is_the_base_model(tiny_m
     before = {name: p.detach().clone() for name, p in policy.named_parameters()}
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate)
-    rows = grpo.load_dataset_rows("arithmetic", "train")[:cfg.prompts_per_step]
+    rows = rewards.load_dataset_rows("arithmetic", "train")[:cfg.prompts_per_step]
     torch.manual_seed(0)
     for _ in range(3):
         grpo.grpo_step(policy, None, tokenizer, optimizer, rows, cfg)

@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import grpo  # noqa: E402
+import rewards  # noqa: E402
 from rewards import answer_reward, format_reward  # noqa: E402
 
 P, G, MAX_NEW_TOKENS, MICRO_BATCH, BETA, LR = 4, 8, 128, 8, 0.04, 1e-6
@@ -40,7 +41,7 @@ def peak_rss_mb() -> float:
 
 def questions(args) -> list[dict]:
     """The first (warmup + steps) x P questions of the data file, in order, for both sides."""
-    return grpo.load_dataset_rows(args.data, "train")[: (args.warmup + args.steps) * P]
+    return rewards.load_dataset_rows(args.data, "train")[: (args.warmup + args.steps) * P]
 
 
 def run_ours(args) -> dict:
