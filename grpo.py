@@ -45,6 +45,7 @@ from pathlib import Path
 import torch
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rewards import REWARD_FUNCTIONS, ConfigError, format_reward, load_dataset_rows, make_prompt
 
@@ -55,7 +56,6 @@ LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # Qwen
 @dataclass
 class Config:
     """Every field is a flag (`learning_rate` -> `--learning-rate`); its comment is its --help."""
-
     # The paper's knobs: G completions for each of P questions, the clipped objective, the KL
     num_generations: int = 8  # G: completions sampled per question (the group)
     prompts_per_step: int = 8  # P: questions per step
@@ -93,7 +93,6 @@ class Config:
     lora_alpha: int = 32  # LoRA scaling numerator (scale = alpha / r)
     lora_dropout: float = 0.0  # LoRA dropout (0: the sampler and the learner are one policy)
     lora_target_modules: str = LORA_TARGETS  # comma-separated names of the layers to adapt
-    merge_lora: bool = False  # also save the adapter merged into the weights, in output_dir/merged
     # Evaluation, logs, checkpoints
     eval_size: int = 200  # held-out questions scored greedily before and after training; 0 skips
     eval_batch_size: int = 32  # questions per batch during evaluation
@@ -117,8 +116,8 @@ class Rollout:
 def generate_completions(model, tokenizer, prompts: list[list[dict]], num_generations: int,
                          max_completion_length: int, temperature: float,
                          autocast=nullcontext()) -> Rollout:
-    """Sample `num_generations` completions of each prompt from softmax(logits / temperature);
-    temperature 0 is greedy decoding (for evaluation)."""
+    """Sample `num_generations` completions of each prompt, one token at a time, from
+    softmax(logits / temperature) and nothing else; temperature 0 is greedy (for evaluation)."""
     device = next(model.parameters()).device
     texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
              for p in prompts]
@@ -128,26 +127,41 @@ def generate_completions(model, tokenizer, prompts: list[list[dict]], num_genera
     prompt_mask = encoded.attention_mask.repeat_interleave(num_generations, dim=0)  # [B, Tp]
     eos_ids = model.generation_config.eos_token_id  # a chat model may have several (Qwen2.5: 2)
     eos_ids = [*(eos_ids if isinstance(eos_ids, list) else [eos_ids]), tokenizer.eos_token_id]
-    eos_ids = sorted({i for i in eos_ids if i is not None})
-    # Pure sampling: top_k, top_p and the repetition penalty of the model's generation_config
-    # are switched off, so tokens come from the distribution that per_token_logps scores.
-    sampling = (dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
-                if temperature > 0 else dict(do_sample=False))
-    was_training = model.training
-    model.eval()
+    eos_ids = torch.tensor(sorted({i for i in eos_ids if i is not None}), device=device)
+    (B, Tp), T = prompt_ids.shape, max_completion_length
+    completion_ids = prompt_ids.new_full((B, T), tokenizer.pad_token_id)  # [B, T]
+    attention_mask = torch.cat([prompt_mask, prompt_mask.new_ones(B, T)], dim=1)  # [B, Tp + T]
+    position = prompt_mask.sum(dim=1, keepdim=True) - 1  # [B, 1] of each prompt's last token
+    token = prompt_ids[:, -1]  # [B] the prompt's last token predicts the first new one
+    done = torch.zeros(B, dtype=torch.bool, device=device)  # [B] has drawn an end-of-reply id
+    model.eval()  # no dropout while sampling
     with autocast:
         cache = prompt_cache(model, encoded.input_ids, encoded.attention_mask, num_generations)
-        output = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
-                                past_key_values=cache, max_new_tokens=max_completion_length,
-                                eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id,
-                                repetition_penalty=1.0, use_cache=True, **sampling)
-    model.train(was_training)
-    completion_ids = output[:, prompt_ids.shape[1]:]  # [B, T]
-    mask = completion_mask(completion_ids, eos_ids)  # [B, T]
-    truncated = ~torch.isin(completion_ids, torch.tensor(eos_ids, device=device)).any(dim=1)  # [B]
+        for t in range(T):
+            hidden = model.get_decoder()(input_ids=token[:, None], past_key_values=cache,
+                                         attention_mask=attention_mask[:, :Tp + t],
+                                         position_ids=position + t).last_hidden_state
+            logits = model.get_output_embeddings()(hidden[:, -1]).float()  # [B, V]
+            token = sample_tokens(logits, temperature).masked_fill(done, tokenizer.pad_token_id)
+            completion_ids[:, t] = token
+            done |= torch.isin(token, eos_ids)
+            if done.all():  # every row has ended
+                break
+    completion_ids = completion_ids[:, :t + 1]  # [B, T]
+    mask = completion_mask(completion_ids, eos_ids.tolist())  # [B, T]
     texts = [tokenizer.decode(ids[:n], skip_special_tokens=True)
              for ids, n in zip(completion_ids, mask.sum(dim=1))]
-    return Rollout(prompt_ids, prompt_mask, completion_ids, mask, truncated, texts)
+    return Rollout(prompt_ids, prompt_mask, completion_ids, mask, ~done, texts)
+
+def sample_tokens(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """One token per row from softmax(logits / temperature) by inverse CDF: one uniform number
+    per row, not one per vocabulary entry. Temperature 0: the most likely token."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)  # [B]
+    # float64: a float32 running sum over 150k probabilities drifts by more than the small ones
+    cdf = torch.softmax(logits / temperature, dim=-1).double().cumsum(dim=-1)  # [B, V]
+    u = torch.rand(len(cdf), 1, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]  # [B, 1]
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1)  # [B] first index with cdf > u
 
 def prompt_cache(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, repeats: int):
     """Keys and values of each prompt but its last token, computed once and repeated: the G
@@ -221,7 +235,6 @@ def per_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     def chunk_logps(h, y):  # [N, H], [N] -> [N]
         logits = lm_head(h).float() / temperature  # [N, V]
         return logits.gather(-1, y[:, None]).squeeze(-1) - logits.logsumexp(dim=-1)
-
     chunks = []
     for i in range(0, hidden.shape[0], chunk_size):
         args = (hidden[i:i + chunk_size], targets.reshape(-1)[i:i + chunk_size])
@@ -286,7 +299,6 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, beta: float, epsilo
 
     def token_mean(x):
         return ((x.float() * mask).sum() / mask.sum().clamp(min=1)).item()
-
     with torch.no_grad():
         diagnostics = {"kl": token_mean(kl) if kl is not None else 0.0,
                        "clip/low_frac": token_mean((ratio < 1 - epsilon_low) & (A < 0)),
@@ -396,9 +408,6 @@ def train(cfg: Config) -> dict:
 
     final = save_checkpoint(output_dir, cfg.max_steps, policy, reference, tokenizer, optimizer, cfg)
     results["final_checkpoint"] = str(final)
-    if cfg.lora_r and cfg.merge_lora:
-        policy.merge_and_unload().save_pretrained(output_dir / "merged")
-        tokenizer.save_pretrained(output_dir / "merged")
     plot_curves(output_dir / "metrics.jsonl", output_dir / "curves.png")
     if cfg.eval_size:
         results["after"] = evaluate(policy, tokenizer, eval_rows, cfg.eval_batch_size,
@@ -428,7 +437,7 @@ LOSS_TYPES, KL_ESTIMATORS = ("grpo", "bnpo", "dr_grpo"), ("k1", "k2", "k3")
 CHANGEABLE_ON_RESUME = (
     "max_steps", "resume", "output_dir", "learning_rate", "weight_decay", "max_grad_norm",
     "micro_batch_size", "gradient_checkpointing", "precision", "logp_chunk_size", "device",
-    "trust_remote_code", "eval_batch_size", "log_samples_every", "save_every", "merge_lora")
+    "trust_remote_code", "eval_batch_size", "log_samples_every", "save_every")
 
 def require(ok: bool, message: str) -> None:
     if not ok:
@@ -551,15 +560,12 @@ def peak_memory_mb(device: torch.device) -> float:
     if sys.platform == "win32":  # no `resource` module
         return float("nan")
     import resource
-
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, else KiB
 
 # ---- Tokenizer, models, LoRA --------------------------------------------------------------------
 
 def load_tokenizer(name: str, trust_remote_code: bool = False):
-    from transformers import AutoTokenizer
-
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
@@ -579,8 +585,6 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
 def load_model(name: str, device: torch.device, dtype=torch.float32,
                trust_remote_code: bool = False):
     """A causal LM from safetensors weights, in `dtype`, on `device`."""
-    from transformers import AutoModelForCausalLM
-
     try:
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, use_safetensors=True,
                                                      trust_remote_code=trust_remote_code)
@@ -632,11 +636,10 @@ def load_policy_and_reference(cfg: Config, device: torch.device,
         policy = load_model(str(checkpoint_dir or cfg.model), device, trust_remote_code=remote)
     if cfg.beta > 0 and not cfg.lora_r:
         synced = checkpoint_dir is not None and cfg.ref_sync_every
-        # Frozen, so under bf16 autocast its weights can be bf16 too: no update is lost.
-        bf16 = resolve_precision(cfg.precision, device) == "bf16"
+        # fp32 as the policy: with bf16 weights the step-0 KL under bf16 autocast is 1.4e-3 per
+        # token instead of 0 (SmolLM2-135M; bench/README.md), for half the reference's memory.
         reference = load_model(str(checkpoint_dir / "reference" if synced else cfg.model), device,
-                               torch.bfloat16 if bf16 else torch.float32, remote)
-        reference.eval().requires_grad_(False)
+                               trust_remote_code=remote).eval().requires_grad_(False)
     if cfg.gradient_checkpointing:
         kwargs = {"use_reentrant": False}
         if hasattr(policy, "activation_checkpointing_enable"):  # the name since transformers 5.23
@@ -655,8 +658,7 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
 
 def save_checkpoint(output_dir: Path, step: int, policy, reference, tokenizer, optimizer,
                     cfg: Config) -> Path:
-    """checkpoint-<step>: weights (or LoRA adapter), tokenizer, optimizer and RNG; it replaces
-    the older one only once complete, so an interrupted save never loses a good one."""
+    """checkpoint-<step> (weights or adapter, tokenizer, optimizer, RNG), then the old one goes."""
     path, tmp = output_dir / f"checkpoint-{step}", output_dir / f"checkpoint-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     policy.save_pretrained(tmp)  # safetensors; only the adapter with LoRA
@@ -677,8 +679,7 @@ def save_checkpoint(output_dir: Path, step: int, policy, reference, tokenizer, o
     return path
 
 def resume_run(cfg: Config, checkpoint_dir: Path | None, optimizer) -> tuple[int, dict]:
-    """(first step, results so far): restore a checkpoint's optimizer and RNG state, and drop
-    logged steps after it; (0, {}) for a new run."""
+    """(first step, results so far) from a checkpoint, dropping later logged steps; or (0, {})."""
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     if checkpoint_dir is None:
@@ -785,7 +786,6 @@ def quiet_libraries() -> None:
     """One progress bar (ours): no per-file bars from transformers and datasets."""
     import datasets
     import transformers
-
     transformers.utils.logging.disable_progress_bar()
     datasets.disable_progress_bars()
 

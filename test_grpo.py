@@ -346,8 +346,8 @@ def test_prompt_cache_gives_the_plain_forward_pass(lively):
     torch.testing.assert_close(cached, plain, rtol=1e-5, atol=1e-5)
 
 
-def test_generate_with_the_shared_prompt_cache_equals_plain_generate(lively):
-    """generate() given the repeated prompt cache: greedy tokens as a plain generate over G copies."""
+def test_greedy_decoding_over_the_shared_prompt_cache_equals_plain_generate(lively):
+    """The decoding loop over the repeated prompt cache: greedy tokens as generate() over G copies."""
     model, tokenizer = lively
     prompts = [rewards.make_prompt("What is 1 + 2?"), rewards.make_prompt("What is 33 + 4 + 5 + 6?")]
     rollout = generate_completions(model, tokenizer, prompts, 3, 8, temperature=0.0)
@@ -359,6 +359,76 @@ def test_generate_with_the_shared_prompt_cache_equals_plain_generate(lively):
     assert completions.shape == rollout.completion_ids.shape
     # up to each row's first EOS (after it both pad, and nothing is scored)
     assert torch.equal(completions * rollout.completion_mask, rollout.completion_ids * rollout.completion_mask)
+
+
+def test_greedy_decoding_stops_at_any_end_of_reply_id_as_generate_does(lively):
+    """Several end-of-reply ids (Qwen2.5 has two) and left padding: the same tokens as generate(),
+    each row padded after its first end-of-reply id, the mask and `truncated` from those ids."""
+    model, tokenizer = lively
+    prompts = [rewards.make_prompt("What is 1 + 2?"), rewards.make_prompt("What is 33 + 4 + 5 + 6?")]
+    stop = int(generate_completions(model, tokenizer, prompts, 1, 8, 0.0).completion_ids[0, 2])
+    eos_ids = [tokenizer.eos_token_id, stop]  # a token that greedy decoding draws early now ends a reply
+    model.generation_config.eos_token_id = eos_ids
+    try:
+        rollout = generate_completions(model, tokenizer, prompts, 2, 8, temperature=0.0)
+        with torch.no_grad():
+            plain = model.generate(input_ids=rollout.prompt_ids, attention_mask=rollout.prompt_mask, max_new_tokens=8,
+                                   do_sample=False, eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id)
+    finally:
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+    assert rollout.prompt_mask[2:].eq(0).any() or rollout.prompt_mask[:2].eq(0).any()  # one prompt is padded
+    assert torch.equal(rollout.completion_ids, plain[:, rollout.prompt_ids.shape[1]:])
+    assert rollout.completion_mask[0].sum() <= 3 and not rollout.truncated[0]  # row 0 ended at `stop`
+    assert torch.equal(rollout.completion_mask, completion_mask(rollout.completion_ids, eos_ids))
+    assert torch.equal(rollout.truncated, ~torch.isin(rollout.completion_ids, torch.tensor(eos_ids)).any(dim=1))
+
+
+def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> tuple[float, int]:
+    """Pearson's statistic and its degrees of freedom, the cells expected under 5 times pooled."""
+    expected = counts.sum() * probs
+    small = expected < 5
+    observed = torch.cat([counts[~small], counts[small].sum()[None]])
+    expected = torch.cat([expected[~small], expected[small].sum()[None]])
+    keep = expected > 0
+    return float(((observed - expected)[keep] ** 2 / expected[keep]).sum()), int(keep.sum()) - 1
+
+
+@pytest.mark.parametrize("temperature, other", [(1.0, 0.5), (0.5, 1.0)])
+def test_sampling_draws_from_softmax_of_the_logits_over_the_temperature(lively, temperature, other):
+    model, tokenizer = lively
+    torch.manual_seed(0)
+    rollout = generate_completions(model, tokenizer, [rewards.make_prompt("What is 1 + 2?")], 4000, 1, temperature)
+    counts = torch.bincount(rollout.completion_ids[:, 0], minlength=model.config.vocab_size).double()
+    with torch.no_grad():
+        logits = model(input_ids=rollout.prompt_ids[:1]).logits[0, -1].double()  # [V]
+    # The statistic is about chi-square(df): mean df, sd sqrt(2 df). Mean + 6 sd fails a correct
+    # sampler with probability well under 1e-5, and the other temperature's probabilities exceed it.
+    statistic, df = chi_square(counts, torch.softmax(logits / temperature, dim=-1))
+    assert statistic < df + 6 * (2 * df) ** 0.5, (statistic, df)
+    statistic, df = chi_square(counts, torch.softmax(logits / other, dim=-1))
+    assert statistic > df + 6 * (2 * df) ** 0.5, (statistic, df)
+
+
+def test_a_models_generation_config_does_not_reach_sampling(lively):
+    """min_p, no_repeat_ngram_size, typical_p, bad_words_ids (and top-k, top-p, the repetition
+    penalty, a temperature) in a model's generation_config: the same tokens at the same seed."""
+    model, tokenizer = lively
+    prompts = [rewards.make_prompt("What is 1 + 2?"), rewards.make_prompt("What is 33 + 4?")]
+    torch.manual_seed(0)
+    plain = generate_completions(model, tokenizer, prompts, 4, 8, temperature=1.0)
+    config, saved = model.generation_config, model.generation_config.to_dict()
+    settings = dict(min_p=0.5, no_repeat_ngram_size=1, typical_p=0.2, top_k=1, top_p=0.1, repetition_penalty=5.0,
+                    temperature=0.1, bad_words_ids=[[int(plain.completion_ids[0, 0])]])
+    for name, value in settings.items():
+        setattr(config, name, value)
+    try:
+        torch.manual_seed(0)
+        again = generate_completions(model, tokenizer, prompts, 4, 8, temperature=1.0)
+    finally:
+        for name in settings:
+            setattr(config, name, saved.get(name))
+    assert len(set(plain.texts)) > 2  # sampled: the settings above would have narrowed it
+    assert torch.equal(again.completion_ids, plain.completion_ids)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -809,8 +879,7 @@ def test_lora_trains_only_the_adapter_and_its_reference_is_the_base_model(tiny_m
 
 
 def test_lora_run_saves_an_adapter_that_loads_back_and_resumes(tiny_model_dir, tmp_path):
-    cfg = tiny_config(tiny_model_dir, tmp_path, lora_r=4, lora_alpha=8, learning_rate=1e-2, eval_size=0,
-                      merge_lora=True)
+    cfg = tiny_config(tiny_model_dir, tmp_path, lora_r=4, lora_alpha=8, learning_rate=1e-2, eval_size=0)
     grpo.train(cfg)
     out = Path(cfg.output_dir)
     adapter = out / "checkpoint-2"
@@ -819,6 +888,9 @@ def test_lora_run_saves_an_adapter_that_loads_back_and_resumes(tiny_model_dir, t
     input_ids, attention_mask, mask = random_batch(grpo.load_model(str(tiny_model_dir), torch.device("cpu")), tokenizer)
     K = mask.shape[1]
     loaded = grpo.add_lora(grpo.load_model(str(tiny_model_dir), torch.device("cpu")), cfg, adapter).eval()
+    # merged into the weights as the README shows, then saved and loaded as a plain model
+    grpo.add_lora(grpo.load_model(str(tiny_model_dir), torch.device("cpu")), cfg, adapter).merge_and_unload(
+        ).save_pretrained(out / "merged")
     merged = grpo.load_model(str(out / "merged"), torch.device("cpu")).eval()
     with torch.no_grad():
         from_adapter = per_token_logps(loaded, input_ids, attention_mask, K)
@@ -827,7 +899,7 @@ def test_lora_run_saves_an_adapter_that_loads_back_and_resumes(tiny_model_dir, t
             base = per_token_logps(loaded, input_ids, attention_mask, K)
     assert not torch.allclose(from_adapter, base, atol=1e-4)  # the saved adapter is a trained one
     torch.testing.assert_close(from_merged, from_adapter, rtol=1e-4, atol=1e-4)  # merging adds W + BA in float32
-    grpo.train(replace(cfg, max_steps=3, resume=True, merge_lora=False))
+    grpo.train(replace(cfg, max_steps=3, resume=True))
     assert [m["step"] for m in grpo.read_jsonl(out / "metrics.jsonl")] == [1, 2, 3]
     assert (out / "checkpoint-3" / "adapter_model.safetensors").exists()
 
