@@ -41,33 +41,70 @@ def make_prompt(question: str) -> list[dict]:
 # so a model that never writes the full structure still gets a signal towards it.
 TAG_CREDIT = 0.125
 
-STRICT_FORMAT = re.compile(
-    rf"^\s*{REASONING_START}.*?{REASONING_END}\s*{ANSWER_START}.*?{ANSWER_END}\s*$", re.DOTALL
-)
-ANSWER_BLOCK = re.compile(rf"{ANSWER_START}(.*?){ANSWER_END}", re.DOTALL)
-# "1,000", "-3", "18.00", ".5": thousands separators only in groups of three.
-NUMBER = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?|-?\.\d+")
+# A number as a reader reads it: "1,000" (commas only in groups of three), "-3" and "−3"
+# (Unicode minus), "18.00", ".5", "1.5e3", "3/4". A dash after a word or a number is not a
+# sign: "pages 5-10" ends in 10, not -10. Group 1 is the sign, 2 the value, 3 a denominator.
+NUMBER = re.compile(r"(?:(?<![\w).,])([-\u2212]))?(?<![\d.,])"
+                    r"(\d(?:[\d,]*\d)?(?:\.\d+)?(?:[eE][-+\u2212]?\d+)?|\.\d+)"
+                    r"(?:/(\d+(?:\.\d+)?))?")
+THOUSANDS = re.compile(r"\d{1,3}(,\d{3})*")
+# The characters a number is written with, and the longest number worth reading.
+NUMBER_CHARS, MAX_NUMBER_LENGTH = re.compile(r"[\d,.eE+\-\u2212/]*"), 100
 
 
 def parse_number(text: str) -> float | None:
-    """The last number in `text` as a float ("$1,000.00" -> 1000.0), or None if there is none."""
-    numbers = NUMBER.findall(text)
-    return float(numbers[-1].replace(",", "")) if numbers else None
+    """The last number in `text` as a float ("$1,000.00" -> 1000.0, "3/4" -> 0.75), or None if
+    there is none or it cannot be read ("1,0000": 10000, or 1 and 0000?; "1/0").
+
+    The last number ends at the last digit, so only the characters just before it are read:
+    the time is linear in the text, whatever the text (a regex scan of all of it is not)."""
+    end = 1 + max(text.rfind(digit) for digit in "0123456789")
+    if end == 0:
+        return None
+    run = len(NUMBER_CHARS.match(text[end - 1::-1]).group())  # number characters before `end`
+    last = None
+    for last in NUMBER.finditer(text, end - min(run, MAX_NUMBER_LENGTH), end):
+        pass
+    if last is None or last.end() != end:
+        return None
+    sign, value, denominator = last.groups()
+    whole = re.split("[.eE]", value)[0]
+    if "," in whole and not THOUSANDS.fullmatch(whole):
+        return None
+    number = float(value.replace(",", "").replace("\u2212", "-"))
+    if denominator is not None:
+        if float(denominator) == 0:
+            return None
+        number /= float(denominator)
+    return -number if sign else number
 
 
 def extract_answer(completion: str) -> str:
-    """The text of the last <answer> block; without one, the whole completion.
+    """The text of the last <answer> block (between the last </answer> and the <answer> before
+    it); without one, the whole completion.
 
     The fallback lets a model that has not learned the tags yet still earn the answer reward
     when the last number it writes is right (its missing tags cost it the format reward).
     """
-    blocks = ANSWER_BLOCK.findall(completion)
-    return blocks[-1] if blocks else completion
+    end = completion.rfind(ANSWER_END)
+    start = completion.rfind(ANSWER_START, 0, max(end, 0))
+    return completion[start + len(ANSWER_START):end] if end >= 0 and start >= 0 else completion
 
 
 def extract_gold_answer(answer: str) -> str:
     """GSM8K's gold answer is the text after the last '####'; other sources give it bare."""
     return answer.split("####")[-1].strip().replace(",", "")
+
+
+def is_strict_format(completion: str) -> bool:
+    """<reasoning>...</reasoning> then <answer>...</answer>: each tag exactly once, in this
+    order, and nothing but white space outside them."""
+    if any(completion.count(tag) != 1 for tag in TAGS):
+        return False
+    starts = [completion.find(tag) for tag in TAGS]
+    ends = [start + len(tag) for start, tag in zip(starts, TAGS)]
+    outside = completion[:starts[0]] + completion[ends[1]:starts[2]] + completion[ends[3]:]
+    return starts == sorted(starts) and not outside.strip()
 
 
 def format_reward(completions: list[str], answers: list[str] | None = None) -> list[float]:
@@ -77,7 +114,7 @@ def format_reward(completions: list[str], answers: list[str] | None = None) -> l
     for completion in completions:
         if not isinstance(completion, str):
             rewards.append(0.0)
-        elif STRICT_FORMAT.match(completion):
+        elif is_strict_format(completion):
             rewards.append(1.0)
         else:
             rewards.append(TAG_CREDIT * sum(completion.count(tag) == 1 for tag in TAGS))

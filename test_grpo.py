@@ -438,9 +438,25 @@ def test_a_models_generation_config_does_not_reach_sampling(lively):
 @pytest.mark.parametrize("text, expected", [
     ("1,000", 1000.0), ("$18", 18.0), ("18.00", 18.0), ("18", 18.0), ("-3", -3.0), (".5", 0.5),
     ("it costs $1,234.50 total", 1234.5), ("first 3 then 4", 4.0), ("no number", None), ("", None),
+    ("The answer is 18.", 18.0), ("18, then 20", 20.0), ("= -3", -3.0), ("(-2.5)", -2.5),
+    # a fraction is its value; scientific notation; the Unicode minus; a range is not negative
+    ("3/4", 0.75), ("-3/4", -0.75), ("1.5e3", 1500.0), ("2e-3", 0.002), ("4E2", 400.0),
+    ("\u22127", -7.0), ("\u22121.5e\u22122", -0.015), ("pages 5-10", 10.0), ("x-3", 3.0),
+    # unreadable: commas not in groups of three, a zero denominator, a number of 101+ characters
+    ("1,0000", None), ("1,2,3", None), ("1/0", None), ("1" * 101, None), ("5.5.5", None),
 ])
 def test_parse_number(text, expected):
     assert parse_number(text) == expected
+
+
+@pytest.mark.parametrize("gold, right, wrong", [
+    ("3/4", "0.75", "4"), ("0.75", "3/4", "3"), ("1.5e3", "1,500", "3"), ("2e-3", "0.002", "-3"),
+    ("\u22127", "-7", "7"), ("-7", "\u22127", "7"), ("10", "pages 5-10", "-10"), ("1,0000", "10000", "0"),
+])
+def test_answer_reward_reads_gold_answers_in_the_same_forms(gold, right, wrong):
+    completions = [f"<reasoning>r</reasoning><answer>{right}</answer>",
+                   f"<reasoning>r</reasoning><answer>{wrong}</answer>"]
+    assert answer_reward(completions, [extract_gold_answer(gold)] * 2) == [1.0, 0.0]
 
 
 def test_extract_gold_answer():
@@ -474,9 +490,53 @@ def test_format_reward():
         "<answer>1</answer>",
         "<reasoning><reasoning></reasoning>",  # repeated tag earns nothing
         "plain text", "", None,
+        # strict is each tag exactly once, in order: not two answer blocks, nor tags nested or swapped
+        "<reasoning>a</reasoning><answer>1</answer><answer>2</answer>",
+        "<reasoning>a <answer>1</answer></reasoning><answer>1</answer>",
+        "<answer>1</answer><reasoning>a</reasoning>",
+        "<reasoning>a</reasoning>so<answer>1</answer>",
     ]
-    assert format_reward(completions) == [1.0, 1.0, 0.5, 0.25, 0.125, 0.0, 0.0, 0.0]
+    assert format_reward(completions) == [1.0, 1.0, 0.5, 0.25, 0.125, 0.0, 0.0, 0.0, 0.25, 0.25, 0.5, 0.5]
     assert extract_answer("<answer> 5 </answer>") == " 5 "
+    assert extract_answer("<answer>a<answer>b</answer>") == "b"  # the block that closes last
+
+
+# Texts that made backtracking patterns take seconds: tags without their closing partner, long
+# runs of the characters numbers are made of. 1 MB each.
+ADVERSARIAL = {
+    "open answer tags": "<answer>" * 125_000, "open reasoning then answer": "<reasoning>1<answer>" * 52_000,
+    "digits": "1" * 1_000_000, "digit-comma": "1," * 500_000, "digit-dot": "1." * 500_000,
+    "digit-e": "1e" * 500_000, "digit-slash": "1/" * 500_000, "dashes": "-" * 1_000_000,
+    "unicode minus": "\u2212" * 1_000_000, "letters": "a" * 1_000_000,
+    "tags and spaces": "<reasoning> </reasoning> <answer> </answer> " * 23_000,
+}
+
+
+@pytest.mark.parametrize("name", ADVERSARIAL)
+def test_rewards_take_linear_time_on_adversarial_text(name):
+    import time
+    text = ADVERSARIAL[name]
+    best = float("inf")  # the best of 3: a busy machine slows a run, it never speeds one up
+    for _ in range(3):
+        start = time.perf_counter()
+        format_reward([text]), answer_reward([text], ["1"])
+        best = min(best, time.perf_counter() - start)
+    assert best < 0.05, f"{name}: {best * 1000:.0f} ms on 1 MB"
+
+
+def test_rewards_never_raise_and_stay_in_range_on_any_text():
+    hypothesis = pytest.importorskip("hypothesis")
+    strategies = hypothesis.strategies
+    pieces = strategies.sampled_from([*TAGS, "-", "\u2212", ",", ".", "/", "e", "E", " ", "\n", "1", "0", "9"])
+    texts = strategies.one_of(strategies.text(), strategies.lists(pieces).map("".join))
+
+    @hypothesis.settings(max_examples=400, deadline=None)
+    @hypothesis.given(texts, texts)
+    def check(completion, gold):
+        assert format_reward([completion])[0] in {0.0, 0.125, 0.25, 0.375, 0.5, 1.0}
+        assert answer_reward([completion], [gold]) in ([0.0], [1.0])
+        parse_number(completion)
+    check()
 
 
 def test_score_completions_weights_and_components():
