@@ -18,8 +18,8 @@ The objective (the paper's eq. 3), for the G completions o_i of a question q:
   Â_it = (r_i - mean(r)) / std(r)
 
 Where this file picks among variants or departs from the paper (each a flag):
-  - `loss_type`: `grpo` is the paper's 1/G Σ_i 1/|o_i| Σ_t; `bnpo` averages over all tokens
-    (DAPO); `dr_grpo` divides by a constant and drops the std from Â (Dr. GRPO).
+  - `loss_type`: `grpo` is the paper's 1/G Σ_i 1/|o_i| Σ_t; `dapo` averages over all tokens
+    of the batch (DAPO); `dr_grpo` divides by a constant and drops the std from Â (Dr. GRPO).
   - the clip range may be asymmetric, [1 - epsilon_low, 1 + epsilon_high] (DAPO).
   - the KL estimator is k3 (the paper's); k1 and k2 are there to compare.
   - `mu` optimizer steps per generated batch (the paper's μ); with mu = 1 the ratio is 1.
@@ -32,10 +32,11 @@ Shapes: B = P*G completions, Tp prompt and T completion tokens, H hidden size, V
 """
 
 import argparse
-import ast
 import inspect
 import json
+import re
 import shutil
+import signal
 import sys
 import time
 from contextlib import contextmanager, nullcontext
@@ -66,7 +67,7 @@ class Config:
     epsilon_low: float = 0.2  # ratio clip below: 1 - epsilon_low
     epsilon_high: float = 0.2  # ratio clip above: 1 + epsilon_high
     mu: int = 1  # optimizer steps per generated batch (the paper's μ)
-    loss_type: str = "grpo"  # token aggregation: grpo (paper), bnpo (token mean), dr_grpo
+    loss_type: str = "grpo"  # token aggregation: grpo (paper), dapo (token mean), dr_grpo
     ref_sync_every: int = 0  # copy the policy into the reference every N steps; 0 = never
     learning_rate: float = 1e-6  # AdamW learning rate (constant)
     max_steps: int = 200  # GRPO steps (each: one generation, then mu optimizer steps)
@@ -84,7 +85,7 @@ class Config:
     max_grad_norm: float = 1.0  # gradient clipping by global norm
     micro_batch_size: int = 8  # completions per forward/backward pass: memory, not the gradient
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory
-    precision: str = "auto"  # fp32, or bf16 autocast over fp32 weights; auto = bf16 on CUDA only
+    precision: str = "auto"  # fp32, or bf16 autocast over fp32 weights; auto: bf16 on GPUs with it
     logp_chunk_size: int = 1024  # tokens per chunk of the vocabulary projection (log-probs)
     device: str = "auto"  # cuda, mps or cpu; auto picks the first available
     seed: int = 0  # seed for data order, sampling and the arithmetic task
@@ -257,14 +258,10 @@ def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3") ->
     """Per-token estimate of KL(π_θ || π_ref) from samples of π_θ, with log_r = log π_ref -
     log π_θ (Schulman, "Approximating KL Divergence"): k1 = -log_r (unbiased, can be negative);
     k2 = log_r² / 2; k3 = e^log_r - log_r - 1 (unbiased, never negative; the paper's eq. 4)."""
-    log_r = ref_logp - logp
-    if kind == "k1":
-        return -log_r
-    if kind == "k2":
-        return 0.5 * log_r**2
-    if kind == "k3":
-        return torch.exp(log_r) - log_r - 1
-    raise ValueError(f"unknown KL estimator {kind!r}; choose one of {', '.join(KL_ESTIMATORS)}")
+    if kind not in KL_ESTIMATORS:
+        raise ValueError(f"unknown KL estimator {kind!r}; choose one of {', '.join(KL_ESTIMATORS)}")
+    log_r = ref_logp - logp  # [B, T]
+    return {"k1": -log_r, "k2": 0.5 * log_r**2, "k3": torch.exp(log_r) - log_r - 1}[kind]
 
 def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, beta: float, epsilon_low: float,
               epsilon_high: float, loss_type: str, max_completion_length: int,
@@ -272,15 +269,14 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, beta: float, epsilo
               num_tokens: int | None = None):
     """The negated GRPO objective, and its diagnostics. Per token,
         X_it = -min(ρ_it Â_i, clip(ρ_it, 1 - ε_low, 1 + ε_high) Â_i) + β KL_it, then
-    grpo: 1/B Σ_i 1/|o_i| Σ_t X_it (the paper); bnpo: Σ_it X_it / Σ_i |o_i| (token mean);
+    grpo: 1/B Σ_i 1/|o_i| Σ_t X_it (the paper); dapo: Σ_it X_it / Σ_i |o_i| (token mean);
     dr_grpo: Σ_it X_it / (B * max_completion_length). Micro-batches pass the whole batch's B
     and Σ|o_i|, so that their losses and gradients add up to the full batch's."""
     mask = mask.float()  # [B, T]
     ratio = torch.exp(logp - old_logp)  # [B, T]
     A = advantages[:, None]  # [B, 1]
-    pg_loss1 = -A * ratio
-    pg_loss2 = -A * ratio.clamp(1 - epsilon_low, 1 + epsilon_high)
-    per_token = torch.maximum(pg_loss1, pg_loss2)  # [B, T] = -min(ρA, clip(ρ)A)
+    clipped = ratio.clamp(1 - epsilon_low, 1 + epsilon_high)  # [B, T]
+    per_token = -torch.minimum(ratio * A, clipped * A)  # [B, T]
     kl = kl_estimate(logp, ref_logp, kl_estimator) if ref_logp is not None else None  # [B, T]
     if kl is not None and beta != 0:
         per_token = per_token + beta * kl  # plus: the KL is a penalty on the objective
@@ -290,7 +286,7 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, beta: float, epsilo
     if loss_type == "grpo":
         per_sequence = (per_token * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)  # [B]
         loss = per_sequence.sum() / num_sequences
-    elif loss_type == "bnpo":
+    elif loss_type in ("dapo", "bnpo"):  # bnpo: its former name (TRL's bnpo is per micro-batch)
         loss = (per_token * mask).sum() / num_tokens
     elif loss_type == "dr_grpo":
         loss = (per_token * mask).sum() / (num_sequences * max_completion_length)
@@ -337,10 +333,9 @@ def grpo_step(policy, reference, tokenizer, optimizer, rows: list[dict], cfg: Co
                                         input_ids, attention_mask, T, cfg, autocast)
 
     # 5. mu optimizer steps on this batch, each accumulating the gradient over micro-batches.
-    loss_settings = dict(beta=cfg.beta, epsilon_low=cfg.epsilon_low,
-                         epsilon_high=cfg.epsilon_high, loss_type=cfg.loss_type,
-                         max_completion_length=cfg.max_completion_length,
-                         kl_estimator=cfg.kl_estimator, num_sequences=B, num_tokens=int(mask.sum()))
+    loss_settings = {name: getattr(cfg, name) for name in ("beta", "epsilon_low", "epsilon_high",
+                     "loss_type", "max_completion_length", "kl_estimator")}
+    loss_settings.update(num_sequences=B, num_tokens=int(mask.sum()))  # the whole batch's
     losses, diagnostics = [], []
     with timed(times, "time/update", device):
         policy.train()
@@ -374,7 +369,11 @@ def train(cfg: Config) -> dict:
     autocast = autocast_for(device, cfg.precision)
     torch.manual_seed(cfg.seed)
     quiet_libraries()
-    train_rows, eval_rows = load_train_and_eval_rows(cfg)  # before the model: bad data fails fast
+    settings = (cfg.dataset_config, cfg.arithmetic_digits, cfg.seed)  # data before the model:
+    train_rows = load_dataset_rows(cfg.dataset, "train", *settings)  # bad data fails fast
+    eval_rows = load_dataset_rows(cfg.dataset, "test", *settings)[:cfg.eval_size]
+    if Path(cfg.dataset).is_file() and cfg.eval_size:
+        print("note: --dataset is a single file, so evaluation uses questions it also trains on.")
     resume_from = latest_checkpoint(output_dir) if cfg.resume else None
     tokenizer = load_tokenizer(str(resume_from or cfg.model), cfg.trust_remote_code)
     policy, reference = load_policy_and_reference(cfg, device, resume_from)
@@ -390,12 +389,12 @@ def train(cfg: Config) -> dict:
     completed = start_step  # steps whose update the weights hold
     bar = tqdm(range(start_step, cfg.max_steps), "GRPO", initial=start_step, total=cfg.max_steps)
     try:
-        for step in bar:
+        for step in until_ctrl_c(bar):  # Ctrl-C lets the step in progress finish
             rows = rows_for_step(train_rows, step, cfg.prompts_per_step, cfg.seed)
             metrics, rollout, rewards, _ = grpo_step(policy, reference, tokenizer, optimizer, rows,
                                                      cfg, autocast)
             log_step(output_dir, step + 1, metrics, bar)
-            completed = step + 1  # the weights hold this update: an interrupt from here keeps it
+            completed = step + 1  # the weights hold this update
             if cfg.log_samples_every and completed % cfg.log_samples_every == 0:
                 log_samples(output_dir, completed, rows[0], rollout.texts, rewards)
             if cfg.ref_sync_every and reference is not None and completed % cfg.ref_sync_every == 0:
@@ -427,12 +426,12 @@ def evaluate(model, tokenizer, rows: list[dict], batch_size: int = 32,
                                      max_completion_length, 0.0, autocast).texts
         correct += sum(REWARD_FUNCTIONS["answer"](texts, [r["answer"] for r in batch]))
         formatted += sum(r == 1.0 for r in format_reward(texts))  # the strict format only
-    n = max(len(rows), 1)
-    return {"accuracy": correct / n, "format_rate": formatted / n, "n": len(rows)}
+    return {"accuracy": correct / max(len(rows), 1), "format_rate": formatted / max(len(rows), 1),
+            "n": len(rows)}
 
 # ==== Part 2: Machinery (flags, devices, loading, checkpoints, logs, main) ========================
 
-LOSS_TYPES, KL_ESTIMATORS = ("grpo", "bnpo", "dr_grpo"), ("k1", "k2", "k3")
+LOSS_TYPES, KL_ESTIMATORS = ("grpo", "dapo", "dr_grpo"), ("k1", "k2", "k3")
 # What --resume may change (length, step size, machine, memory, logs); the rest is the run's own.
 CHANGEABLE_ON_RESUME = (
     "max_steps", "resume", "output_dir", "learning_rate", "weight_decay", "max_grad_norm",
@@ -448,10 +447,8 @@ def flag(name: str) -> str:
 
 def parse_args(argv: list[str] | None = None) -> Config:
     """Every Config field is a flag, and the comment after it is its help."""
-    source = inspect.getsource(Config)
-    lines = source.splitlines()
-    docs = {node.target.id: lines[node.lineno - 1].split("  # ", 1)[1].replace("%", "%%")
-            for node in ast.parse(source).body[0].body if isinstance(node, ast.AnnAssign)}
+    docs = {name: text.replace("%", "%%") for name, text in  # argparse formats % in help
+            re.findall(r"^    (\w+): .+?  # (.+)$", inspect.getsource(Config), re.MULTILINE)}
     parser = argparse.ArgumentParser(description="GRPO on GSM8K in one file.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in fields(Config):
@@ -473,7 +470,7 @@ def check_config(cfg: Config) -> None:
         require(getattr(cfg, name) >= 0, f"{flag(name)} is {getattr(cfg, name)}; it must be >= 0.")
     require(0 <= cfg.epsilon_low < 1 and cfg.epsilon_high >= 0, f"clip range [1 - "
             f"{cfg.epsilon_low}, 1 + {cfg.epsilon_high}]: use 0 <= epsilon-low < 1 <= 1 + high.")
-    for name, choices in (("loss_type", LOSS_TYPES), ("kl_estimator", KL_ESTIMATORS),
+    for name, choices in (("loss_type", (*LOSS_TYPES, "bnpo")), ("kl_estimator", KL_ESTIMATORS),
                           ("precision", ("auto", "fp32", "bf16")),
                           ("device", ("auto", "cuda", "mps", "cpu"))):
         require(getattr(cfg, name) in choices, f"{flag(name)} {getattr(cfg, name)!r} is "
@@ -506,14 +503,6 @@ def check_output_dir(cfg: Config) -> None:
 
 # ---- Data: which rows, in which order ------------------------------------------------------------
 
-def load_train_and_eval_rows(cfg: Config) -> tuple[list[dict], list[dict]]:
-    settings = (cfg.dataset_config, cfg.arithmetic_digits, cfg.seed)
-    train_rows = load_dataset_rows(cfg.dataset, "train", *settings)
-    eval_rows = load_dataset_rows(cfg.dataset, "test", *settings)[:cfg.eval_size]
-    if Path(cfg.dataset).is_file() and cfg.eval_size:
-        print("note: --dataset is a single file, so evaluation uses questions it also trains on.")
-    return train_rows, eval_rows
-
 def rows_for_step(rows: list[dict], step: int, prompts_per_step: int, seed: int) -> list[dict]:
     """The P rows of a step: epoch after epoch of a seeded shuffle (a resumed run: same order)."""
     picked = []
@@ -529,17 +518,15 @@ def pick_device(name: str) -> torch.device:
     available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
     if name == "auto":
         name = next((kind for kind in ("cuda", "mps") if available[kind]), "cpu")
-    require(available.get(name, True), f"--device {name}: torch finds no such device here "
-            "(none, or a torch build without it). Use --device auto.")
+    require(available.get(name, True), f"--device {name}: torch finds none. Use --device auto.")
     return torch.device(name)
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """"auto" is bf16 on CUDA and fp32 elsewhere."""
-    return ("bf16" if device.type == "cuda" else "fp32") if precision == "auto" else precision
-
 def autocast_for(device: torch.device, precision: str):
-    """bf16 autocast over fp32 weights, or nothing (bf16 weights would lose AdamW's updates)."""
-    if resolve_precision(precision, device) == "bf16":
+    """bf16 autocast over fp32 weights, or nothing (bf16 weights would lose AdamW's updates).
+    "auto" is bf16 on a GPU that computes in bf16 natively (compute capability 8.0 on: A100, L4,
+    RTX 30xx, H100), else fp32; not fp16 on a T4 or V100: Qwen2 models overflow in fp16."""
+    native = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+    if precision == "bf16" or (precision == "auto" and native):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
 
@@ -595,13 +582,12 @@ def load_model(name: str, device: torch.device, dtype=torch.float32,
     # changes its logits after that (soft-capping, a scale) would be scored as another policy.
     ids = torch.arange(4)[None]  # [1, 4] any few tokens
     with torch.no_grad():
-        logits = model(input_ids=ids).logits[:, :-1].float()  # [1, 3, V]
-        expected = logits.log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)  # [1, 3]
         try:
-            ours = per_token_logps(model, ids, torch.ones_like(ids), completion_length=3)
+            ours = model.get_output_embeddings()(model.get_decoder()(ids).last_hidden_state)
         except AttributeError as error:
             raise ConfigError(f"--model {name!r}: its decoder or output layer cannot be reached "
                               f"({error}). Use a Llama- or Qwen-like model.") from None
+        expected = model(input_ids=ids).logits  # [1, 4, V]
     require(torch.allclose(ours, expected, atol=1e-4),  # the same products, up to rounding
             f"--model {name!r} transforms its logits after the output layer (soft-capping or "
             "scaling), which per_token_logps does not reproduce. Use another model.")
@@ -629,11 +615,10 @@ def load_policy_and_reference(cfg: Config, device: torch.device,
                               checkpoint_dir: Path | None = None):
     """The trainable policy (fp32) and the frozen reference (None if beta = 0 or with LoRA)."""
     remote, reference = cfg.trust_remote_code, None
-    if cfg.lora_r:
-        policy = add_lora(load_model(cfg.model, device, trust_remote_code=remote), cfg,
-                          checkpoint_dir)
-    else:
-        policy = load_model(str(checkpoint_dir or cfg.model), device, trust_remote_code=remote)
+    weights = cfg.model if cfg.lora_r or checkpoint_dir is None else str(checkpoint_dir)
+    policy = load_model(weights, device, trust_remote_code=remote)
+    if cfg.lora_r:  # the base model, then its adapter: new, or the checkpoint's
+        policy = add_lora(policy, cfg, checkpoint_dir)
     if cfg.beta > 0 and not cfg.lora_r:
         synced = checkpoint_dir is not None and cfg.ref_sync_every
         # fp32 as the policy: with bf16 weights the step-0 KL under bf16 autocast is 1.4e-3 per
@@ -684,8 +669,7 @@ def resume_run(cfg: Config, checkpoint_dir: Path | None, optimizer) -> tuple[int
     output_dir.mkdir(parents=True, exist_ok=True)
     if checkpoint_dir is None:
         return 0, {}
-    # map_location: a checkpoint saved on a GPU also resumes without one; load_state_dict moves
-    # the AdamW state to each parameter's device.
+    # map_location: a GPU's checkpoint resumes on a CPU too (AdamW's state follows the weights)
     state = torch.load(checkpoint_dir / "trainer_state.pt", map_location="cpu", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     for group in optimizer.param_groups:  # the saved state holds the old values; the flags win
@@ -694,11 +678,30 @@ def resume_run(cfg: Config, checkpoint_dir: Path | None, optimizer) -> tuple[int
     if "cuda" in state["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     step = json.loads((checkpoint_dir / "trainer_state.json").read_text())["step"]
-    metrics_path = output_dir / "metrics.jsonl"
-    kept = [r for r in read_jsonl(metrics_path) if r["step"] <= step]
-    metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    for path in (output_dir / "metrics.jsonl", output_dir / "samples.jsonl"):  # to be run again
+        kept = [r for r in read_jsonl(path) if r["step"] <= step]
+        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
     print(f"resuming from {checkpoint_dir} at step {step}")
     return step, json.loads((output_dir / "results.json").read_text())
+
+def until_ctrl_c(steps):
+    """Yield `steps` while Ctrl-C (SIGINT) only sets a flag, read between steps: the loop stops
+    at a step boundary. A second Ctrl-C stops at once, unsaved. (Call from the main thread.)"""
+    pressed = []
+
+    def on_ctrl_c(signum, frame):
+        if pressed:
+            raise SystemExit("\nstopped without saving; --resume goes on from the last checkpoint")
+        pressed.append(signum)
+        print("\nCtrl-C: saving when this step ends (Ctrl-C again: stop now, without saving)")
+    previous = signal.signal(signal.SIGINT, on_ctrl_c)
+    try:
+        for step in steps:
+            yield step
+            if pressed:  # the step is whole: the loop's Ctrl-C handling saves it
+                raise KeyboardInterrupt
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 def stop_run(output_dir: Path, completed: int, reason: BaseException, *to_save) -> None:
     """Exit on a NaN (keeping the last good checkpoint) or on Ctrl-C (saving the steps done)."""
@@ -715,8 +718,7 @@ def stop_run(output_dir: Path, completed: int, reason: BaseException, *to_save) 
 
 def require_finite(value: torch.Tensor, what: str) -> None:
     if not torch.isfinite(value):
-        raise FloatingPointError(f"{what} is not finite. Lower --learning-rate, or try "
-                                 "--precision fp32.")
+        raise FloatingPointError(f"{what} is not finite. Lower --learning-rate, or use fp32.")
 
 def step_metrics(rollout: Rollout, rewards, components, group_size: int, loss: float, grad_norm,
                  optimizer, diagnostics: list[tuple[int, dict]], device) -> dict:
@@ -766,7 +768,6 @@ def write_results(cfg: Config, results: dict) -> dict:
 def plot_curves(metrics_path: Path, out_path: Path) -> None:
     """Reward, accuracy, KL and completion length per step, from metrics.jsonl, as one PNG."""
     from matplotlib.figure import Figure  # no pyplot: leaves a notebook's plotting backend alone
-
     records = read_jsonl(metrics_path)
     if not records:
         return
@@ -794,7 +795,6 @@ def main(argv: list[str] | None = None) -> None:
         train(parse_args(argv))
     except ConfigError as error:
         sys.exit(f"grpo.py: error: {error}")
-
 
 if __name__ == "__main__":
     main()

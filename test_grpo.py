@@ -142,7 +142,7 @@ TWO_COMPLETIONS = dict(
 )
 
 
-@pytest.mark.parametrize("loss_type, expected", [("grpo", -0.174898), ("bnpo", -0.311043), ("dr_grpo", -0.194402)])
+@pytest.mark.parametrize("loss_type, expected", [("grpo", -0.174898), ("dapo", -0.311043), ("dr_grpo", -0.194402)])
 def test_grpo_loss_reference_values(loss_type, expected):
     loss, diagnostics = grpo_loss(**TWO_COMPLETIONS, beta=0.04, epsilon_low=0.2, epsilon_high=0.2,
                                   loss_type=loss_type, max_completion_length=4)
@@ -881,6 +881,109 @@ def test_ctrl_c_after_a_step_keeps_that_step(tiny_model_dir, tmp_path, monkeypat
         grpo.train(cfg)
     grpo.train(replace(cfg, resume=True))
     assert [m["step"] for m in grpo.read_jsonl(Path(cfg.output_dir) / "metrics.jsonl")] == [1, 2, 3, 4]
+
+
+# Where a Ctrl-C lands inside step 2: in a call of these functions that each step makes
+CTRL_C_POINTS = {"sampling": "generate_completions", "scoring": "score_completions", "log-probs": "frozen_logps",
+                 "right after the update": "step_metrics", "logging": "log_step"}
+
+
+@pytest.mark.parametrize("mu", [1, 2])
+@pytest.mark.parametrize("point", CTRL_C_POINTS)
+def test_ctrl_c_anywhere_in_a_step_saves_whole_steps_and_resumes_the_same_run(tiny_model_dir, tmp_path, monkeypatch,
+                                                                              point, mu):
+    import signal
+    from safetensors.torch import load_file
+    cfg = tiny_config(tiny_model_dir, tmp_path, max_steps=3, save_every=0, eval_size=0, mu=mu)
+    straight = [replace(cfg, output_dir=str(tmp_path / f"straight-{n}"), max_steps=n) for n in (2, 3)]
+    for run in straight:
+        grpo.train(run)
+    name = CTRL_C_POINTS[point]
+    calls_per_step = 2 if name == "frozen_logps" and mu > 1 else 1  # old policy and reference
+    real, calls, call = getattr(grpo, name), [], calls_per_step + 1  # the first call of step 2
+
+    def ctrl_c_then_go_on(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            signal.raise_signal(signal.SIGINT)  # as a terminal's Ctrl-C: the handler runs now
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(grpo, name, ctrl_c_then_go_on)
+    before = signal.getsignal(signal.SIGINT)  # Python's, or SIG_IGN in a background job
+    with pytest.raises(SystemExit, match="interrupted: saved .*checkpoint-2"):
+        grpo.train(cfg)
+    assert signal.getsignal(signal.SIGINT) == before  # the loop's handler is gone
+    monkeypatch.setattr(grpo, name, real)
+    saved, expected = (load_file(Path(d) / "checkpoint-2" / "model.safetensors")
+                       for d in (cfg.output_dir, straight[0].output_dir))
+    assert saved.keys() == expected.keys() and all(torch.equal(saved[k], expected[k]) for k in saved)
+    grpo.train(replace(cfg, resume=True))
+    # The resumed process repeats the same float32 operations on the same weights, optimizer state, data
+    # and RNG state as the straight run, on the same CPU kernels: equal, not only close. Times and memory vary.
+    ours, theirs = (grpo.read_jsonl(Path(d) / "metrics.jsonl") for d in (cfg.output_dir, straight[1].output_dir))
+    assert [{k: v for k, v in m.items() if not k.startswith(("time/", "memory/"))} for m in ours] == \
+           [{k: v for k, v in m.items() if not k.startswith(("time/", "memory/"))} for m in theirs]
+
+
+def test_a_second_ctrl_c_stops_at_once_without_saving(tiny_model_dir, tmp_path, monkeypatch):
+    import signal
+    real = grpo.score_completions
+
+    def two_ctrl_c(*args, **kwargs):
+        signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(grpo, "score_completions", two_ctrl_c)
+    cfg = tiny_config(tiny_model_dir, tmp_path, max_steps=3, save_every=0, eval_size=0)
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(SystemExit, match="stopped without saving"):
+        grpo.train(cfg)
+    assert grpo.latest_checkpoint(Path(cfg.output_dir)) is None
+    assert signal.getsignal(signal.SIGINT) == before
+
+
+def test_resume_after_a_crash_finds_each_step_once_in_each_log(tiny_model_dir, tmp_path, monkeypatch):
+    real, calls = grpo.grpo_step, []
+
+    def crash_in_step_4(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise RuntimeError("the machine went away")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(grpo, "grpo_step", crash_in_step_4)
+    cfg = tiny_config(tiny_model_dir, tmp_path, max_steps=5, save_every=2, log_samples_every=1, eval_size=0)
+    with pytest.raises(RuntimeError):
+        grpo.train(cfg)  # logs hold steps 1-3, the checkpoint step 2
+    monkeypatch.setattr(grpo, "grpo_step", real)
+    grpo.train(replace(cfg, resume=True))  # runs step 3 again, then 4 and 5
+    for name, per_step in (("metrics.jsonl", 1), ("samples.jsonl", 2)):  # two completions per logged step
+        steps = [r["step"] for r in grpo.read_jsonl(Path(cfg.output_dir) / name)]
+        assert steps == [step for step in range(1, 6) for _ in range(per_step)], name
+
+
+def test_bnpo_is_dapos_former_name_and_still_works(tmp_path):
+    grpo.check_config(Config(loss_type="bnpo", output_dir=str(tmp_path / "run")))  # accepted
+    settings = dict(beta=0.04, epsilon_low=0.2, epsilon_high=0.2, max_completion_length=4)
+    bnpo, _ = grpo_loss(**TWO_COMPLETIONS, loss_type="bnpo", **settings)
+    dapo, _ = grpo_loss(**TWO_COMPLETIONS, loss_type="dapo", **settings)
+    assert bnpo.item() == dapo.item() == pytest.approx(-0.311043, abs=1e-5)  # GRPO.md's token-mean value
+
+
+@pytest.mark.filterwarnings("ignore:CUDA is not available")  # torch.autocast("cuda") on a machine without one
+@pytest.mark.parametrize("native_bf16, emulated_bf16, expected", [
+    (True, True, torch.bfloat16),  # compute capability 8.0 and later: A100, L4, RTX 30xx, H100
+    (False, True, None),  # T4, V100: torch emulates bf16, but auto picks fp32
+    (False, False, None),
+])
+def test_precision_auto_is_bf16_only_on_gpus_that_compute_in_bf16(monkeypatch, native_bf16, emulated_bf16, expected):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: native_bf16 or (including_emulation and emulated_bf16))
+    autocast = grpo.autocast_for(torch.device("cuda"), "auto")
+    assert getattr(autocast, "fast_dtype", None) == expected
+    assert getattr(grpo.autocast_for(torch.device("cuda"), "bf16"), "fast_dtype", None) == torch.bfloat16  # asked for
+    assert getattr(grpo.autocast_for(torch.device("cpu"), "auto"), "fast_dtype", None) is None
 
 
 def test_beta_zero_loads_no_reference_model(tiny_model_dir, tmp_path):
