@@ -365,6 +365,7 @@ def grpo_step(policy, reference, tokenizer, optimizer, rows: list[dict], cfg: Co
 def train(cfg: Config) -> dict:
     """Run GRPO as configured (the paper's Algorithm 1, one outer iteration); return results."""
     check_config(cfg)
+    check_output_dir(cfg)
     output_dir, device = Path(cfg.output_dir), pick_device(cfg.device)
     autocast = autocast_for(device, cfg.precision)
     torch.manual_seed(cfg.seed)
@@ -482,7 +483,6 @@ def check_config(cfg: Config) -> None:
         looks_local = source.startswith((".", "/", "~")) or source.endswith((".json", ".jsonl"))
         require(Path(source).expanduser().exists() or not looks_local,
                 f"--{name} {source!r}: no such {what}. Check the path, or pass a Hub id.")
-    check_output_dir(cfg)
 
 def check_output_dir(cfg: Config) -> None:
     """A new run needs a fresh output_dir; --resume needs a checkpoint of the same run there."""

@@ -1151,3 +1151,127 @@ def test_reference_sync_copies_the_policy_and_is_checkpointed(tiny_model_dir, tm
     assert any(not torch.equal(policy[k], initial[k]) for k in policy)  # the policy moved...
     assert all(torch.equal(policy[k], reference[k]) for k in policy)  # ...and the reference followed at step 2
     grpo.train(replace(cfg, resume=True))  # resuming loads that reference back
+
+
+# ---------------------------------------------------------------------------------------------
+# scale/: the same run on TRL (scale/trl_grpo.py) and verl (scale/verl/). TRL comes from
+# scale/requirements.txt, which CI installs; verl is too heavy for CI, so its files are tested
+# without it.
+
+def load_scale_module(path: str):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(Path(path).stem, HERE / path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# (our flags, GRPOConfig field, its value): every flag that TRL has a field for
+TRL_FIELDS = [
+    ("--num-generations 4", "num_generations", 4),
+    ("--micro-batch-size 4", "per_device_train_batch_size", 4),
+    ("--prompts-per-step 4 --num-generations 8 --micro-batch-size 4", "gradient_accumulation_steps", 8),
+    ("--max-completion-length 64", "max_completion_length", 64),
+    ("--temperature 0.7", "temperature", 0.7),
+    ("--beta 0.1", "beta", 0.1),
+    ("--epsilon-low 0.1", "epsilon", 0.1),
+    ("--epsilon-high 0.28", "epsilon_high", 0.28),
+    ("--loss-type grpo", "loss_type", "grpo"),
+    ("--loss-type dapo", "loss_type", "dapo"),
+    ("--loss-type bnpo", "loss_type", "dapo"),  # ours is TRL's dapo (whole-batch token mean)
+    ("--loss-type dr_grpo", "loss_type", "dr_grpo"),
+    ("--loss-type dr_grpo", "scale_rewards", "none"),
+    ("--loss-type grpo", "scale_rewards", "group"),
+    ("--mu 2", "num_iterations", 2),
+    ("--ref-sync-every 5", "sync_ref_model", True),
+    ("--ref-sync-every 5", "ref_model_sync_steps", 5),
+    ("--ref-sync-every 5", "ref_model_mixup_alpha", 1.0),
+    ("--learning-rate 3e-6", "learning_rate", 3e-6),
+    ("--learning-rate 3e-6", "lr_scheduler_type", "constant"),
+    ("--weight-decay 0.1", "weight_decay", 0.1),
+    ("--max-grad-norm 0.5", "max_grad_norm", 0.5),
+    ("--gradient-checkpointing", "gradient_checkpointing", True),
+    ("--no-gradient-checkpointing", "gradient_checkpointing", False),
+    ("--seed 7", "seed", 7),
+    ("--max-steps 3", "max_steps", 3),
+    ("--format-weight 0.25 --answer-weight 2", "reward_weights", [0.25, 2.0]),
+    ("--precision fp32", "bf16", False),
+    ("--precision bf16 --device cpu", "bf16", True),
+    ("--device cpu", "use_cpu", True),
+    ("--save-every 5", "save_steps", 5),
+    ("--save-every 0", "save_strategy", "no"),
+    ("--log-samples-every 0", "log_completions", False),
+    ("--trust-remote-code", "model_init_kwargs", {"dtype": torch.float32, "trust_remote_code": True}),
+]
+
+
+@pytest.mark.parametrize("flags, field, value", TRL_FIELDS)
+def test_trl_runner_maps_each_flag_to_its_grpo_config_field(tmp_path, flags, field, value):
+    pytest.importorskip("trl")
+    trl_grpo = load_scale_module("scale/trl_grpo.py")
+    cfg = grpo.parse_args([*flags.split(), "--output-dir", str(tmp_path / "run")])
+    config = trl_grpo.trl_config(cfg)
+    assert getattr(config, field) == value
+    assert config.output_dir == str(tmp_path / "run")
+
+
+def test_trl_runner_maps_lora_and_splits_the_batch_over_processes(tmp_path):
+    pytest.importorskip("trl")
+    trl_grpo = load_scale_module("scale/trl_grpo.py")
+    cfg = grpo.parse_args(["--lora-r", "8", "--lora-alpha", "16", "--lora-target-modules", "q_proj,v_proj"])
+    lora = trl_grpo.peft_config(cfg)
+    assert (lora.r, lora.lora_alpha, set(lora.target_modules)) == (8, 16, {"q_proj", "v_proj"})
+    assert trl_grpo.peft_config(grpo.parse_args([])) is None
+    cfg = grpo.parse_args(["--prompts-per-step", "8", "--num-generations", "8", "--micro-batch-size", "4"])
+    assert trl_grpo.trl_config(cfg, num_processes=4).gradient_accumulation_steps == 4  # 4 x 4 x 4 = 64 = P x G
+
+
+@pytest.mark.parametrize("flags, message", [
+    ("--kl-estimator k1", "--kl-estimator 'k1': TRL estimates the KL with k3 only"),
+    ("--logp-chunk-size 256", "--logp-chunk-size 256: TRL computes log-probs its own way"),
+    ("--prompts-per-step 2 --num-generations 4 --micro-batch-size 3", "--micro-batch-size 3: TRL splits"),
+])
+def test_trl_runner_refuses_what_trl_cannot_do_before_loading_a_model(tmp_path, monkeypatch, flags, message):
+    pytest.importorskip("trl")
+    trl_grpo = load_scale_module("scale/trl_grpo.py")
+    monkeypatch.setattr(grpo, "load_tokenizer", lambda *a: pytest.fail("a model was loaded"))
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        trl_grpo.main([*flags.split(), "--dataset", "arithmetic", "--output-dir", str(tmp_path / "run")])
+
+
+def test_trl_runner_trains_a_step_on_the_tiny_model_with_our_rewards(tiny_model_dir, tmp_path):
+    pytest.importorskip("trl")
+    trl_grpo = load_scale_module("scale/trl_grpo.py")
+    results = trl_grpo.main(["--model", str(tiny_model_dir), "--dataset", "arithmetic", "--max-steps", "2",
+                             "--prompts-per-step", "2", "--num-generations", "4", "--micro-batch-size", "4",
+                             "--max-completion-length", "8", "--eval-size", "4", "--eval-batch-size", "4",
+                             "--save-every", "0", "--device", "cpu", "--output-dir", str(tmp_path / "run")])
+    steps = [log for log in results["log_history"] if "rewards/format/mean" in log]
+    assert len(steps) == 2 and all("rewards/answer/mean" in log and "kl" in log for log in steps)
+    assert set(results["before"]) == set(results["after"]) == {"accuracy", "format_rate", "n"}
+    assert (tmp_path / "run" / "model.safetensors").exists()
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["engine"] == "trl"
+
+
+def test_verl_reward_is_the_weighted_sum_that_grpo_trains_on():
+    reward = load_scale_module("scale/verl/reward.py")
+    completions = ["<reasoning>2+2</reasoning><answer>4</answer>", "<answer>5</answer>", "it is 4", "",
+                   "<reasoning>x</reasoning>\n<answer>4</answer> more"]
+    total, _ = grpo.score_completions(completions, ["4"] * len(completions), {"format": 0.5, "answer": 1.0})
+    assert [reward.compute_score("openai/gsm8k", c, "4") for c in completions] == total.tolist()
+    assert reward.compute_score("x", completions[0], "4", None, format_weight=0.0, answer_weight=3.0) == 3.0
+    assert (reward.FORMAT_WEIGHT, reward.ANSWER_WEIGHT) == (Config.format_weight, Config.answer_weight)
+
+
+def test_verl_parquet_rows_have_verls_schema_and_our_prompt(tmp_path):
+    from datasets import Dataset
+    prepare = load_scale_module("scale/verl/prepare_data.py")
+    paths = prepare.write_parquet("arithmetic", tmp_path / "verl", arithmetic_digits=2)
+    for split, path in paths.items():
+        rows = Dataset.from_parquet(str(path)).to_list()
+        ours = rewards.load_dataset_rows("arithmetic", split, arithmetic_digits=2)
+        assert len(rows) == len(ours)
+        assert set(rows[0]) == {"data_source", "prompt", "ability", "reward_model", "extra_info"}
+        assert rows[0]["prompt"] == rewards.make_prompt(ours[0]["question"])  # the system prompt and the question
+        assert rows[0]["reward_model"] == {"style": "rule", "ground_truth": ours[0]["answer"]}
+        assert rows[0]["data_source"] == "arithmetic" and rows[0]["extra_info"]["split"] == split

@@ -1,0 +1,157 @@
+"""
+grpo.py's run on TRL's GRPOTrainer: the same flags, prompt, data and rewards, when one GPU is not
+enough. Nothing here changes grpo.py; TRL is not one of its dependencies.
+
+    pip install -r scale/requirements.txt
+    python scale/trl_grpo.py --model Qwen/Qwen2.5-0.5B-Instruct --max-steps 200     # one device
+    accelerate launch --num_processes 4 scale/trl_grpo.py --max-steps 200            # 4 GPUs
+
+Every grpo.py flag means here what it means there. `trl_config` turns them into TRL's
+`GRPOConfig`, field by field (checked against TRL 1.16's `GRPOTrainer`); a flag that TRL cannot
+honour is refused, with the reason, before any model loads. The rewards are rewards.py's, with
+grpo.py's weights; the rows (and so the prompt) come from rewards.load_dataset_rows; evaluation
+is grpo.py's own `evaluate` (greedy accuracy and format rate), before and after training.
+"""
+
+import json
+import os
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import grpo  # noqa: E402
+import rewards  # noqa: E402
+
+# Our loss modes by what they compute (TRL 1.16, GRPOTrainer._compute_loss): TRL's `grpo` is the
+# mean over sequences of each one's token mean, `dapo` the token mean over the whole batch (TRL's
+# `bnpo` divides by each micro-batch's own tokens), `dr_grpo` the token sum over (B x L).
+LOSS_TYPES = {"grpo": "grpo", "dapo": "dapo", "bnpo": "dapo", "dr_grpo": "dr_grpo"}
+# Flags that TRL has no equivalent for: refused unless left at grpo.py's default.
+NO_TRL_EQUIVALENT = {
+    "kl_estimator": "TRL estimates the KL with k3 only",
+    "logp_chunk_size": "TRL computes log-probs its own way",
+}
+
+
+def refusals(cfg: grpo.Config, num_processes: int = 1) -> list[str]:
+    """What TRL cannot do as asked, one message per flag; empty when everything maps."""
+    default = grpo.Config()
+    messages = [f"{grpo.flag(name)} {getattr(cfg, name)!r}: {why}; drop the flag to use "
+                f"{getattr(default, name)!r}." for name, why in NO_TRL_EQUIVALENT.items()
+                if getattr(cfg, name) != getattr(default, name)]
+    completions = cfg.prompts_per_step * cfg.num_generations
+    if completions % (cfg.micro_batch_size * num_processes):
+        messages.append(f"--micro-batch-size {cfg.micro_batch_size}: TRL splits a step's P x G = "
+                        f"{completions} completions into micro-batches of this size on each of "
+                        f"{num_processes} process(es), so it must divide {completions} / "
+                        f"{num_processes}; change it, --prompts-per-step or the processes.")
+    if not cfg.resume and grpo.latest_checkpoint(Path(cfg.output_dir)) is not None:
+        messages.append(f"{cfg.output_dir} already holds a run. Pass --resume to continue it, or "
+                        "choose another --output-dir.")
+    return messages
+
+
+def uses_bf16(cfg: grpo.Config) -> bool:
+    """grpo.py's precision rule (`auto`: bf16 only on a GPU with native bf16)."""
+    import torch
+    autocast = grpo.autocast_for(grpo.pick_device(cfg.device), cfg.precision)
+    return getattr(autocast, "fast_dtype", None) == torch.bfloat16
+
+
+def trl_config(cfg: grpo.Config, num_processes: int = 1):
+    """TRL's GRPOConfig with grpo.py's settings."""
+    import torch
+    from trl import GRPOConfig
+
+    completions = cfg.prompts_per_step * cfg.num_generations  # one step's P x G
+    return GRPOConfig(
+        output_dir=cfg.output_dir, seed=cfg.seed, max_steps=cfg.max_steps,
+        num_generations=cfg.num_generations,
+        per_device_train_batch_size=cfg.micro_batch_size,  # completions per micro-batch
+        gradient_accumulation_steps=completions // (cfg.micro_batch_size * num_processes),
+        max_completion_length=cfg.max_completion_length,
+        temperature=cfg.temperature, top_k=0, top_p=1.0, min_p=None, repetition_penalty=1.0,
+        beta=cfg.beta, epsilon=cfg.epsilon_low, epsilon_high=cfg.epsilon_high,
+        loss_type=LOSS_TYPES[cfg.loss_type],
+        scale_rewards="none" if cfg.loss_type == "dr_grpo" else "group",  # Dr. GRPO drops the std
+        num_iterations=cfg.mu,
+        sync_ref_model=cfg.ref_sync_every > 0, ref_model_sync_steps=max(cfg.ref_sync_every, 1),
+        ref_model_mixup_alpha=1.0,  # a full copy of the policy, as grpo.py's
+        reward_weights=[getattr(cfg, f"{name}_weight") for name in rewards.REWARD_FUNCTIONS],
+        learning_rate=cfg.learning_rate, lr_scheduler_type="constant", warmup_steps=0,
+        weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
+        gradient_checkpointing=cfg.gradient_checkpointing,  # TRL's default is on; ours off
+        bf16=uses_bf16(cfg), use_cpu=cfg.device == "cpu",
+        model_init_kwargs={"dtype": torch.float32, "trust_remote_code": cfg.trust_remote_code},
+        save_strategy="steps" if cfg.save_every else "no", save_steps=max(cfg.save_every, 1),
+        save_total_limit=1,  # the latest checkpoint only, as grpo.py
+        log_completions=cfg.log_samples_every > 0, logging_steps=1, report_to="none",
+    )
+
+
+def trl_reward_functions() -> list:
+    """rewards.py's functions with TRL's signature: completions are chat messages, and the
+    data set's `answer` column arrives as a keyword."""
+    def wrap(name, fn):
+        def reward(completions, answer, **kwargs):
+            texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+            return fn(texts, answer)
+        reward.__name__ = name  # TRL logs each reward under its function's name
+        return reward
+    return [wrap(name, fn) for name, fn in rewards.REWARD_FUNCTIONS.items()]
+
+
+def peft_config(cfg: grpo.Config):
+    if not cfg.lora_r:
+        return None
+    from peft import LoraConfig
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=cfg.lora_target_modules.split(","), task_type="CAUSAL_LM")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg = grpo.parse_args(argv)
+    num_processes = int(os.environ.get("WORLD_SIZE", "1"))  # set by accelerate launch
+    try:
+        grpo.check_config(cfg)  # grpo.py's checks of the flags; the output folder is TRL's
+        grpo.require(not refusals(cfg, num_processes), "\n".join(refusals(cfg, num_processes)))
+        settings = (cfg.dataset_config, cfg.arithmetic_digits, cfg.seed)
+        train_rows = rewards.load_dataset_rows(cfg.dataset, "train", *settings)
+        eval_rows = rewards.load_dataset_rows(cfg.dataset, "test", *settings)[:cfg.eval_size]
+        args = trl_config(cfg, num_processes)
+    except grpo.ConfigError as error:
+        sys.exit(f"trl_grpo.py: error: {error}")
+
+    from datasets import Dataset
+    from trl import GRPOTrainer
+
+    grpo.quiet_libraries()
+    dataset = Dataset.from_list([{"prompt": r["prompt"], "answer": r["answer"]} for r in train_rows])
+    trainer = GRPOTrainer(model=cfg.model, reward_funcs=trl_reward_functions(), args=args,
+                          train_dataset=dataset, peft_config=peft_config(cfg))
+    tokenizer = grpo.load_tokenizer(cfg.model, cfg.trust_remote_code)
+    results = {}
+
+    def evaluate(when):
+        if cfg.eval_size and trainer.accelerator.is_main_process:
+            model = trainer.accelerator.unwrap_model(trainer.model)
+            results[when] = grpo.evaluate(model, tokenizer, eval_rows, cfg.eval_batch_size,
+                                          cfg.max_completion_length)
+            print(f"{when} training: {results[when]}")
+        trainer.accelerator.wait_for_everyone()
+
+    if not cfg.resume:
+        evaluate("before")
+    trainer.train(resume_from_checkpoint=cfg.resume or None)
+    trainer.save_model(cfg.output_dir)
+    evaluate("after")
+    if trainer.accelerator.is_main_process:  # TRL's own per-step logs (rewards, KL, ...) too
+        results |= {"steps": cfg.max_steps, "engine": "trl", "config": asdict(cfg),
+                    "log_history": trainer.state.log_history}
+        (Path(cfg.output_dir) / "results.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()
