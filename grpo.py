@@ -9,8 +9,7 @@ Part 1, "GRPO", reads top to bottom in the order of one step, then the loop and 
   3. advantage = reward normalized within its question's group: no critic
   4. per-token log-probs of the completions under the policy, the old policy, the reference
   5. minimize the clipped surrogate loss plus β·KL(policy || reference), then step AdamW
-Part 2, "Machinery", is looked up, not read: flags, devices, loading, checkpoints, logs.
-The task (the prompt, the questions and the rewards) is rewards.py's.
+Part 2, "Machinery", is looked up, not read. The task (prompt, data, rewards) is rewards.py's.
 
 The objective (the paper's eq. 3), for the G completions o_i of a question q:
   J(θ) = E[ 1/G Σ_i 1/|o_i| Σ_t ( min(ρ_it Â_it, clip(ρ_it, 1-ε, 1+ε) Â_it) - β D_KL ) ]
@@ -48,7 +47,8 @@ from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rewards import REWARD_FUNCTIONS, ConfigError, format_reward, load_dataset_rows, make_prompt
+from rewards import (REWARD_FUNCTIONS, ConfigError, format_reward, load_dataset_rows, make_prompt,
+                     rows_for_step)
 
 # ==== Part 1: GRPO ================================================================================
 
@@ -78,7 +78,8 @@ class Config:
     model: str = "Qwen/Qwen2.5-0.5B-Instruct"  # Hub id or local folder of a chat model
     dataset: str = "openai/gsm8k"  # Hub id; JSON-lines file; folder of train/test.jsonl; arithmetic
     dataset_config: str = "main"  # configuration name of a Hub dataset
-    arithmetic_digits: int = 1  # the built-in `arithmetic` task: digits in each operand of a + b
+    arithmetic_max: int = 49  # the built-in `arithmetic` task: a + b, with a and b from 0 to N
+    example_turn: bool = True  # show rewards.py's worked example before each question
     trust_remote_code: bool = False  # let a Hub model run its own Python code (trusted ones only)
     # Optimization, memory, device
     weight_decay: float = 0.0  # AdamW weight decay
@@ -103,7 +104,6 @@ class Config:
     resume: bool = False  # continue the run in output_dir from its latest checkpoint
 
 # ---- 1. Sampling: G completions of each of P prompts, in one batch of B = P*G -------------------
-
 @dataclass
 class Rollout:
     prompt_ids: torch.Tensor  # [B, Tp] left-padded
@@ -182,7 +182,6 @@ def completion_mask(ids: torch.Tensor, eos_token_ids: list[int]) -> torch.Tensor
     return (torch.arange(ids.shape[1], device=ids.device) <= first_eos[:, None]).long()  # [B, T]
 
 # ---- 2. Rewards (rules in rewards.py); 3. advantages: the group is the baseline, no critic ---
-
 def score_completions(completions: list[str], answers: list[str], weights: dict[str, float]):
     """Total reward = Σ_k weight_k * reward_k; returns (total [B], {name: reward_k [B]})."""
     components = {name: torch.tensor(fn(completions, answers), dtype=torch.float32)
@@ -202,7 +201,6 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool 
     return advantages.masked_fill(all_equal, 0.0).view(-1)  # [B]
 
 # ---- 4. Log-probs of the completion tokens ------------------------------------------------------
-
 def per_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                     completion_length: int, temperature: float = 1.0,
                     chunk_size: int = 1024) -> torch.Tensor:
@@ -253,7 +251,6 @@ def frozen_logps(model, input_ids, attention_mask, completion_length: int, cfg: 
                           for i in range(0, len(input_ids), mb)])  # [B, T]
 
 # ---- 5. The loss --------------------------------------------------------------------------------
-
 def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3") -> torch.Tensor:
     """Per-token estimate of KL(π_θ || π_ref) from samples of π_θ, with log_r = log π_ref -
     log π_θ (Schulman, "Approximating KL Divergence"): k1 = -log_r (unbiased, can be negative);
@@ -303,7 +300,6 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, beta: float, epsilo
     return loss, diagnostics
 
 # ---- One step, the loop, evaluation -------------------------------------------------------------
-
 def grpo_step(policy, reference, tokenizer, optimizer, rows: list[dict], cfg: Config,
               autocast=nullcontext()):
     """One GRPO step on `rows` (P questions). Returns (metrics, rollout, rewards, advantages)."""
@@ -370,11 +366,9 @@ def train(cfg: Config) -> dict:
     autocast = autocast_for(device, cfg.precision)
     torch.manual_seed(cfg.seed)
     quiet_libraries()
-    settings = (cfg.dataset_config, cfg.arithmetic_digits, cfg.seed)  # data before the model:
+    settings = (cfg.dataset_config, cfg.arithmetic_max, cfg.seed, cfg.example_turn)  # data first:
     train_rows = load_dataset_rows(cfg.dataset, "train", *settings)  # bad data fails fast
     eval_rows = load_dataset_rows(cfg.dataset, "test", *settings)[:cfg.eval_size]
-    if Path(cfg.dataset).is_file() and cfg.eval_size:
-        print("note: --dataset is a single file, so evaluation uses questions it also trains on.")
     resume_from = latest_checkpoint(output_dir) if cfg.resume else None
     tokenizer = load_tokenizer(str(resume_from or cfg.model), cfg.trust_remote_code)
     policy, reference = load_policy_and_reference(cfg, device, resume_from)
@@ -464,7 +458,7 @@ def check_config(cfg: Config) -> None:
             "compares completions within a group, so use 2 or more (8 is usual).")
     for name in ("prompts_per_step", "max_completion_length", "max_steps", "mu", "temperature",
                  "micro_batch_size", "logp_chunk_size", "eval_batch_size", "learning_rate",
-                 "arithmetic_digits"):
+                 "arithmetic_max"):
         require(getattr(cfg, name) > 0, f"{flag(name)} is {getattr(cfg, name)}; it must be > 0.")
     for name in ("eval_size", "save_every", "log_samples_every", "ref_sync_every", "lora_r",
                  "beta", "weight_decay"):
@@ -501,19 +495,7 @@ def check_output_dir(cfg: Config) -> None:
     require(not differ, f"--resume: the run in {out} has {', '.join(differ)}. Pass the run's "
                         "own values, or choose another --output-dir for a new run.")
 
-# ---- Data: which rows, in which order ------------------------------------------------------------
-
-def rows_for_step(rows: list[dict], step: int, prompts_per_step: int, seed: int) -> list[dict]:
-    """The P rows of a step: epoch after epoch of a seeded shuffle (a resumed run: same order)."""
-    picked = []
-    for k in range(step * prompts_per_step, (step + 1) * prompts_per_step):
-        epoch, i = divmod(k, len(rows))
-        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed + epoch))
-        picked.append(rows[order[i]])
-    return picked
-
 # ---- Devices, precision, time and memory --------------------------------------------------------
-
 def pick_device(name: str) -> torch.device:
     available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
     if name == "auto":
@@ -551,7 +533,6 @@ def peak_memory_mb(device: torch.device) -> float:
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, else KiB
 
 # ---- Tokenizer, models, LoRA --------------------------------------------------------------------
-
 def load_tokenizer(name: str, trust_remote_code: bool = False):
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
@@ -565,8 +546,7 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
         raise ConfigError(f"--model {name!r}: its chat template cannot format a system prompt "
                           f"plus a question ({error}). Use a chat model with a template that "
                           "accepts a system message.") from None
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     return tokenizer
 
 def load_model(name: str, device: torch.device, dtype=torch.float32,
@@ -636,7 +616,6 @@ def load_policy_and_reference(cfg: Config, device: torch.device,
     return policy, reference
 
 # ---- Checkpoints, resume, stops -----------------------------------------------------------------
-
 def latest_checkpoint(output_dir: Path) -> Path | None:
     found = sorted(output_dir.glob("checkpoint-*[0-9]"), key=lambda p: int(p.name.split("-")[1]))
     return found[-1] if found else None
@@ -714,7 +693,22 @@ def stop_run(output_dir: Path, completed: int, reason: BaseException, *to_save) 
     plot_curves(output_dir / "metrics.jsonl", output_dir / "curves.png")
     sys.exit(f"\ninterrupted: saved {path}; continue with --resume --output-dir {output_dir}")
 
-# ---- Metrics, logs, plots, main -----------------------------------------------------------------
+# ---- Metrics, the silent failures, logs, plots, main --------------------------------------------
+PATIENCE, MOST, KL_LIMIT = 3, 0.5, 0.5  # steps in a row; a fraction of the batch; KL per token
+DIAGNOSTICS = {  # said once by log_step: name: (steps in a row, condition, what it means and to do)
+    "loss": (1, lambda m: True, "note: the loss sits near 0 by design (a group's advantages sum "
+             "to 0, the ratio starts at 1), but its gradient does not. Follow the rewards."),
+    "truncated": (PATIENCE, lambda m: m["completion/truncated_frac"] > MOST, "most completions "
+                  "end unfinished: raise --max-completion-length, or check the end-of-reply ids."),
+    "equal_rewards": (PATIENCE, lambda m: m["groups/zero_std_frac"] > MOST, "most groups have "
+                      "equal rewards: no signal. Raise --num-generations, or use easier data."),
+    "no_format": (PATIENCE, lambda m: m["reward/format"] == 0, "the format reward is 0: the "
+                  "model never writes the tags. Keep --example-turn, or change the prompt."),
+    "zero_gradient": (PATIENCE, lambda m: m["grad_norm"] == 0, "the gradient is 0: the weights "
+                      "do not change. No group has an advantage, or nothing is trainable."),
+    "kl": (1, lambda m: m["kl"] > KL_LIMIT, f"the KL passed {KL_LIMIT} per token: the policy "
+           "drifts from the reference. Lower --learning-rate or raise --beta."),
+}
 
 def require_finite(value: torch.Tensor, what: str) -> None:
     if not torch.isfinite(value):
@@ -731,15 +725,14 @@ def step_metrics(rollout: Rollout, rewards, components, group_size: int, loss: f
         **{f"reward/{name}": r.mean().item() for name, r in parts.items()},
         **{f"reward/{name}_std": r.std().item() for name, r in parts.items()},
         "accuracy": (components["answer"] == 1).float().mean().item(),
+        "format_rate": (components["format"] == 1).float().mean().item(),  # strictly formatted
         "groups/zero_std_frac": (grouped == grouped[:, :1]).all(dim=1).float().mean().item(),
-        "completion/len_mean": lengths.mean().item(),
-        "completion/len_max": lengths.max().item(),
+        "completion/len_mean": lengths.mean().item(), "completion/len_max": lengths.max().item(),
         "completion/truncated_frac": rollout.truncated.float().mean().item(),
         "loss": loss, "grad_norm": grad_norm.item(), "lr": optimizer.param_groups[0]["lr"],
         # token-weighted means over the micro-batches (and the mu passes)
         **{key: sum(n * d[key] for n, d in diagnostics) / tokens for key in diagnostics[0][1]},
-        "memory/peak_mb": peak_memory_mb(device),
-    }
+        "memory/peak_mb": peak_memory_mb(device)}
 
 def read_jsonl(path: Path) -> list[dict]:
     lines = path.read_text().splitlines() if path.exists() else []
@@ -750,17 +743,24 @@ def append_jsonl(path: Path, records: list[dict]) -> None:
         f.write("".join(json.dumps(r) + "\n" for r in records))
 
 def log_step(output_dir: Path, step: int, metrics: dict, bar) -> None:
+    history = [*read_jsonl(output_dir / "metrics.jsonl"), metrics]
+    said = {name for m in history[:-1] for name in m.get("diagnostics", {})}
+    for name, (steps, holds, message) in DIAGNOSTICS.items():
+        if name not in said and len(history) >= steps and all(map(holds, history[-steps:])):
+            metrics.setdefault("diagnostics", {})[name] = message
+            bar.write(f"step {step}: {message}")
     append_jsonl(output_dir / "metrics.jsonl", [{"step": step, **metrics}])
     bar.set_postfix(reward=f"{metrics['reward/total']:.3f}", acc=f"{metrics['accuracy']:.2f}",
                     kl=f"{metrics['kl']:.4f}")
 
 def log_samples(output_dir: Path, step: int, row: dict, texts: list[str], rewards) -> None:
-    """Two completions of the step's first question, to samples.jsonl."""
     append_jsonl(output_dir / "samples.jsonl", [
         {"step": step, "question": row["question"], "gold": row["answer"], "completion": texts[i],
          "reward": rewards[i].item()} for i in range(min(2, len(texts)))])
 
 def write_results(cfg: Config, results: dict) -> dict:
+    results["diagnostics"] = {name: f"step {m['step']}: {text}" for m in read_jsonl(
+        Path(cfg.output_dir) / "metrics.jsonl") for name, text in m.get("diagnostics", {}).items()}
     results["config"] = asdict(cfg)
     (Path(cfg.output_dir) / "results.json").write_text(json.dumps(results, indent=2))
     return results
@@ -771,15 +771,15 @@ def plot_curves(metrics_path: Path, out_path: Path) -> None:
     records = read_jsonl(metrics_path)
     if not records:
         return
-    panels = [("reward/total", "mean reward"), ("accuracy", "accuracy (answer reward = 1)"),
-              ("kl", "KL(policy || reference)"),
+    panels = [("reward/total", "mean reward"), ("accuracy format_rate", "accuracy (answer = 1), "
+              "format rate (strict)"), ("kl", "KL(policy || reference)"),
               ("completion/len_mean", "mean completion length (tokens)")]
     fig = Figure(figsize=(9, 6), dpi=80)
-    for ax, (key, title) in zip(fig.subplots(2, 2).flat, panels):
-        ax.plot([r["step"] for r in records], [r[key] for r in records],
-                marker="." if len(records) < 50 else None)
+    for ax, (keys, title) in zip(fig.subplots(2, 2).flat, panels):
+        for key in keys.split():
+            ax.plot([r["step"] for r in records], [r.get(key) for r in records], label=key)
         ax.set(title=title, xlabel="step")
-        ax.grid(alpha=0.3)
+        ax.legend()
     fig.tight_layout()
     fig.savefig(out_path)
 

@@ -2,9 +2,11 @@
 The task: the prompt, where the questions come from, and the rule-based rewards that score
 the replies. grpo.py knows the task only through this file; to train on your own, change it.
 
-  make_prompt        the chat messages for one question: a system prompt that asks for tags
+  make_prompt        the chat messages for one question: a system prompt that asks for tags,
+                     and a worked example as an earlier turn
   load_dataset_rows  rows {question, prompt, answer}: GSM8K from the Hub or JSON lines, or the
                      built-in `arithmetic` task, which needs no download
+  rows_for_step      the questions of one training step
 
 DeepSeekMath trains on rewards a program can check, with no learned reward model. Each reward
 here is a function `(completions, answers) -> list[float]`, one float per completion:
@@ -32,9 +34,22 @@ SYSTEM_PROMPT = (
 )
 
 
-def make_prompt(question: str) -> list[dict]:
-    """Chat messages for one question; the tokenizer's chat template turns them into text."""
-    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question}]
+# One worked example, as an earlier user and assistant turn: a small model copies a format it
+# has seen in use far more often than one it is only told about (README: Results). On the
+# offline SmolLM2-135M copy it wrote the strict format in 19 of 64 replies with this example,
+# 1-4 of 64 with a word problem in its place, 0 of 64 without one (sums up to 49 + 49, T = 1).
+EXAMPLE_TURN = [
+    {"role": "user", "content": "What is 14 + 7?"},
+    {"role": "assistant", "content": f"{REASONING_START}\n14 + 7 = 21\n{REASONING_END}\n"
+                                     f"{ANSWER_START}\n21\n{ANSWER_END}"}]
+
+
+def make_prompt(question: str, example_turn: bool = True) -> list[dict]:
+    """Chat messages for one question, after the worked example unless `example_turn` is off;
+    the tokenizer's chat template turns them into text."""
+    example = EXAMPLE_TURN if example_turn else []
+    return [{"role": "system", "content": SYSTEM_PROMPT}, *example,
+            {"role": "user", "content": question}]
 
 
 # Partial format credit for each tag that appears exactly once (4 tags -> at most 0.5),
@@ -144,26 +159,36 @@ class ConfigError(ValueError):
 
 
 def load_dataset_rows(source: str, split: str, dataset_config: str = "main",
-                      arithmetic_digits: int = 1, seed: int = 0) -> list[dict]:
+                      arithmetic_max: int = 49, seed: int = 0,
+                      example_turn: bool = True) -> list[dict]:
     """Rows {question, prompt, answer} of `arithmetic`, a JSON-lines file, a folder of them, or
     a Hub dataset; GSM8K's keys: "question" and "answer" (the final answer after '####')."""
     if source == "arithmetic":
-        raw = arithmetic_problems(10_000 if split == "train" else 1_000, arithmetic_digits, seed,
-                                  held_out=split != "train")
+        raw = arithmetic_problems(arithmetic_max, seed, held_out=split != "train")
     else:
         raw = load_question_answer_rows(source, split, dataset_config)
-    return [{"question": r["question"], "prompt": make_prompt(r["question"]),
+    return [{"question": r["question"], "prompt": make_prompt(r["question"], example_turn),
              "answer": extract_gold_answer(r["answer"])} for r in raw]
 
 
-def arithmetic_problems(n: int, digits: int, seed: int, held_out: bool = False) -> list[dict]:
-    """`n` problems "What is a + b?"; pairs with (a + 2b) % 5 == 0 are the held-out ones."""
-    rng, problems = random.Random(seed), []
-    while len(problems) < n:
-        a, b = rng.randint(0, 10**digits - 1), rng.randint(0, 10**digits - 1)
-        if ((a + 2 * b) % 5 == 0) == held_out:
-            problems.append({"question": f"What is {a} + {b}?", "answer": str(a + b)})
-    return problems
+def rows_for_step(rows: list[dict], step: int, prompts_per_step: int, seed: int) -> list[dict]:
+    """The P rows of a step: epoch after epoch of a seeded shuffle (a resumed run: same order)."""
+    picked = []
+    for k in range(step * prompts_per_step, (step + 1) * prompts_per_step):
+        epoch, i = divmod(k, len(rows))
+        order = list(range(len(rows)))
+        random.Random(seed + epoch).shuffle(order)
+        picked.append(rows[order[i]])
+    return picked
+
+
+def arithmetic_problems(largest: int, seed: int, held_out: bool = False) -> list[dict]:
+    """Every "What is a + b?" with a and b from 0 to `largest`, in a seeded order; the pairs
+    with (a + 2b) % 5 == 0 (a fifth of them) are held out: evaluated, never trained on."""
+    pairs = [(a, b) for a in range(largest + 1) for b in range(largest + 1)
+             if ((a + 2 * b) % 5 == 0) == held_out]
+    random.Random(seed).shuffle(pairs)
+    return [{"question": f"What is {a} + {b}?", "answer": str(a + b)} for a, b in pairs]
 
 
 def load_question_answer_rows(source: str, split: str, dataset_config: str = "main"):
@@ -173,6 +198,8 @@ def load_question_answer_rows(source: str, split: str, dataset_config: str = "ma
     from datasets.exceptions import DatasetsError
 
     path = Path(source).expanduser()
+    if path.is_file() and split == "test":
+        print(f"note: --dataset {source!r} is one file: evaluation uses questions it trains on.")
     if path.is_dir():
         path = path / f"{split}.jsonl"
         if not path.exists():

@@ -40,7 +40,8 @@ def build_tiny_chat_model(path: Path, seed: int = 0) -> Path:
     """Save a tokenizer (the system prompt's words, digits one per token, the four tags as
     single tokens, EOS used as pad) and a random 2-layer Llama to `path`."""
     pre = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Digits(individual_digits=True)])
-    text = rewards.SYSTEM_PROMPT + " What is + ? system user assistant"
+    text = " ".join([rewards.SYSTEM_PROMPT, *(m["content"] for m in rewards.EXAMPLE_TURN),
+                     "What is + ? system user assistant"])
     for tag in TAGS:
         text = text.replace(tag, " ")
     words = sorted({w for w, _ in pre.pre_tokenize_str(text)} | set("0123456789"))
@@ -556,7 +557,7 @@ def test_data_from_jsonl_file_and_folder(tmp_path):
     file = write_jsonl(tmp_path / "data.jsonl", rows)
     loaded = rewards.load_dataset_rows(str(file), "train")
     assert [r["answer"] for r in loaded] == ["1200", "7"]
-    assert loaded[0]["prompt"][0]["role"] == "system" and loaded[0]["prompt"][1] == {"role": "user", "content": "Q1?"}
+    assert loaded[0]["prompt"][0]["role"] == "system" and loaded[0]["prompt"][-1] == {"role": "user", "content": "Q1?"}
     folder = tmp_path / "gsm"
     folder.mkdir()
     write_jsonl(folder / "train.jsonl", rows)
@@ -583,16 +584,30 @@ def test_bad_data_is_a_clear_error(tmp_path):
         rewards.load_dataset_rows("nobody/no-such-dataset", "train")
 
 
-def test_arithmetic_task():
-    train = rewards.load_dataset_rows("arithmetic", "train", arithmetic_digits=2, seed=5)
-    again = rewards.load_dataset_rows("arithmetic", "train", arithmetic_digits=2, seed=5)
-    test = rewards.load_dataset_rows("arithmetic", "test", arithmetic_digits=2, seed=5)
-    assert train == again
-    assert not {r["question"] for r in train} & {r["question"] for r in test}  # held out: never trained on
-    for row in train[:50]:
+def test_arithmetic_task_holds_out_distinct_problems_never_trained_on():
+    train = rewards.load_dataset_rows("arithmetic", "train", arithmetic_max=12, seed=5)
+    assert train == rewards.load_dataset_rows("arithmetic", "train", arithmetic_max=12, seed=5)
+    test = rewards.load_dataset_rows("arithmetic", "test", arithmetic_max=12, seed=5)
+    pairs = []
+    for row in train + test:
         a, b = map(int, row["question"].removeprefix("What is ").removesuffix("?").split(" + "))
-        assert a <= 99 and b <= 99 and int(row["answer"]) == a + b
-    assert max(int(r["answer"]) for r in rewards.load_dataset_rows("arithmetic", "train", arithmetic_digits=1)) <= 18
+        assert 0 <= a <= 12 and 0 <= b <= 12 and int(row["answer"]) == a + b
+        pairs.append((a, b))
+    assert sorted(pairs) == [(a, b) for a in range(13) for b in range(13)]  # each pair once
+    assert all((a + 2 * b) % 5 == 0 for a, b in pairs[len(train):])  # the held-out rule
+    # The default task: at least 1,000 distinct problems to train on and 200 held out.
+    default_train, default_test = (rewards.load_dataset_rows("arithmetic", split) for split in ("train", "test"))
+    assert len(default_train) >= 1000 and len(default_test) >= 200
+
+
+def test_the_prompt_shows_the_worked_example_as_an_earlier_turn_unless_switched_off():
+    with_example, without = rewards.make_prompt("What is 2 + 3?"), rewards.make_prompt("What is 2 + 3?", False)
+    assert [m["role"] for m in with_example] == ["system", "user", "assistant", "user"]
+    assert with_example[1:3] == rewards.EXAMPLE_TURN and with_example[-1] == without[-1]
+    assert [m["role"] for m in without] == ["system", "user"]
+    assert rewards.is_strict_format(rewards.EXAMPLE_TURN[1]["content"])  # the example is what earns 1.0
+    rows = rewards.load_dataset_rows("arithmetic", "test", arithmetic_max=4, example_turn=False)
+    assert all(r["prompt"] == rewards.make_prompt(r["question"], False) for r in rows)
 
 
 def test_data_order_is_a_seeded_shuffle_per_epoch():
@@ -830,6 +845,86 @@ def test_a_model_whose_decoder_cannot_be_reached_is_refused(tiny_model_dir, monk
     monkeypatch.setattr(LlamaForCausalLM, "get_decoder", lambda self: self)
     with pytest.raises(ConfigError, match="its decoder or output layer cannot be reached"):
         grpo.load_model(str(tiny_model_dir), torch.device("cpu"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Diagnostics: the silent failures, each said once
+
+
+def said_in(output_dir: Path) -> dict[str, int]:
+    """{diagnostic: the step whose line of metrics.jsonl carries it}."""
+    return {name: m["step"] for m in grpo.read_jsonl(output_dir / "metrics.jsonl") for name in m.get("diagnostics", {})}
+
+
+def fixed_rewards(monkeypatch, reward):
+    for name in grpo.REWARD_FUNCTIONS:
+        monkeypatch.setitem(grpo.REWARD_FUNCTIONS, name, lambda completions, answers: [reward() for _ in completions])
+
+
+@pytest.fixture(scope="session")
+def ends_early_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny model, made to end about a third of its tokens: one dimension of every embedding
+    is large, so after the final norm it is about 5.7 in every position, and only the end-of-reply
+    row of the output layer reads it (logit ~ 3.4 against ~0 for the ~60 others)."""
+    model = LlamaForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, 0] = 10.0
+        model.lm_head.weight[:, 0] = 0.0
+        model.lm_head.weight[model.config.eos_token_id, 0] = 0.6
+    path = tmp_path_factory.mktemp("ends-early")
+    model.save_pretrained(path)
+    PreTrainedTokenizerFast.from_pretrained(tiny_model_dir).save_pretrained(path)
+    return path
+
+
+def test_a_failing_run_says_what_is_wrong_once_each(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    # The tiny model ends almost no reply within 8 tokens; with every reward 0, every group's rewards
+    # are equal, the format reward is 0, and (advantages 0, policy = reference) the gradient is 0.
+    fixed_rewards(monkeypatch, lambda: 0.0)
+    cfg = tiny_config(tiny_model_dir, tmp_path, max_steps=grpo.PATIENCE + 2, eval_size=0, save_every=0)
+    results = grpo.train(cfg)
+    P = grpo.PATIENCE
+    assert said_in(Path(cfg.output_dir)) == {"loss": 1, "truncated": P, "equal_rewards": P, "no_format": P,
+                                             "zero_gradient": P}
+    console = capsys.readouterr().out
+    for name in said_in(Path(cfg.output_dir)):  # on the console, once each, with its step
+        assert console.count(grpo.DIAGNOSTICS[name][2]) == 1
+    assert set(results["diagnostics"]) == set(said_in(Path(cfg.output_dir)))
+    assert results["diagnostics"]["truncated"] == f"step {P}: {grpo.DIAGNOSTICS['truncated'][2]}"
+
+
+def test_a_kl_past_the_limit_is_said(tiny_model_dir, tmp_path, monkeypatch):
+    rng = random.Random(0)
+    fixed_rewards(monkeypatch, rng.random)  # rewards that differ: a real gradient
+    cfg = tiny_config(tiny_model_dir, tmp_path, max_steps=5, eval_size=0, save_every=0, learning_rate=0.1)
+    grpo.train(cfg)  # steps of 0.1 on weights of about 0.02: the policy runs away from the reference
+    kl = [m["kl"] for m in grpo.read_jsonl(Path(cfg.output_dir) / "metrics.jsonl")]
+    first = next(step for step, value in enumerate(kl, 1) if value > grpo.KL_LIMIT)
+    assert kl[0] == 0 and said_in(Path(cfg.output_dir))["kl"] == first
+
+
+def test_a_healthy_run_says_nothing_but_the_note_on_the_loss(ends_early_model_dir, tmp_path, monkeypatch, capsys):
+    rng = random.Random(0)
+    fixed_rewards(monkeypatch, rng.random)  # every group's rewards differ; the format reward is not 0
+    cfg = tiny_config(ends_early_model_dir, tmp_path, max_steps=grpo.PATIENCE + 2, eval_size=0, save_every=0,
+                      max_completion_length=16)
+    results = grpo.train(cfg)
+    lines = grpo.read_jsonl(Path(cfg.output_dir) / "metrics.jsonl")
+    assert max(m["completion/truncated_frac"] for m in lines) <= 0.25 and min(m["grad_norm"] for m in lines) > 0
+    assert said_in(Path(cfg.output_dir)) == {"loss": 1} and list(results["diagnostics"]) == ["loss"]
+    console = capsys.readouterr().out
+    assert [name for name, (_, _, message) in grpo.DIAGNOSTICS.items() if message in console] == ["loss"]
+
+
+def test_resume_does_not_say_again_what_was_said(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    fixed_rewards(monkeypatch, lambda: 0.0)
+    cfg = tiny_config(tiny_model_dir, tmp_path, max_steps=grpo.PATIENCE, eval_size=0, save_every=1)
+    grpo.train(cfg)
+    capsys.readouterr()
+    grpo.train(replace(cfg, max_steps=grpo.PATIENCE + 2, resume=True))
+    console = capsys.readouterr().out
+    assert not [message for _, _, message in grpo.DIAGNOSTICS.values() if message in console]  # none again
+    assert said_in(Path(cfg.output_dir))["truncated"] == grpo.PATIENCE
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
@@ -1266,10 +1361,10 @@ def test_verl_reward_is_the_weighted_sum_that_grpo_trains_on():
 def test_verl_parquet_rows_have_verls_schema_and_our_prompt(tmp_path):
     from datasets import Dataset
     prepare = load_scale_module("scale/verl/prepare_data.py")
-    paths = prepare.write_parquet("arithmetic", tmp_path / "verl", arithmetic_digits=2)
+    paths = prepare.write_parquet("arithmetic", tmp_path / "verl", arithmetic_max=20)
     for split, path in paths.items():
         rows = Dataset.from_parquet(str(path)).to_list()
-        ours = rewards.load_dataset_rows("arithmetic", split, arithmetic_digits=2)
+        ours = rewards.load_dataset_rows("arithmetic", split, arithmetic_max=20)
         assert len(rows) == len(ours)
         assert set(rows[0]) == {"data_source", "prompt", "ability", "reward_model", "extra_info"}
         assert rows[0]["prompt"] == rewards.make_prompt(ours[0]["question"])  # the system prompt and the question

@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         grpo.check_config(cfg)  # grpo.py's checks of the flags; the output folder is TRL's
         grpo.require(not refusals(cfg, num_processes), "\n".join(refusals(cfg, num_processes)))
-        settings = (cfg.dataset_config, cfg.arithmetic_digits, cfg.seed)
+        settings = (cfg.dataset_config, cfg.arithmetic_max, cfg.seed, cfg.example_turn)
         train_rows = rewards.load_dataset_rows(cfg.dataset, "train", *settings)
         eval_rows = rewards.load_dataset_rows(cfg.dataset, "test", *settings)[:cfg.eval_size]
         args = trl_config(cfg, num_processes)
