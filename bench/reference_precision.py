@@ -22,7 +22,7 @@ policy = grpo.load_model(model_dir, device).eval()
 references = {"bf16": grpo.load_model(model_dir, device, torch.bfloat16).eval(),
               "fp32": grpo.load_model(model_dir, device).eval()}
 torch.manual_seed(0)
-rows = rewards.load_dataset_rows(data, "train")[:4]
+rows = rewards.load_dataset_rows(data, "train", example_turn=False)[:4]  # as measured
 rollout = grpo.generate_completions(policy, tokenizer, [r["prompt"] for r in rows], 4, 64, 1.0, autocast)
 input_ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], dim=1)
 attention_mask = torch.cat([rollout.prompt_mask, rollout.completion_mask], dim=1)

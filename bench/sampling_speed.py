@@ -66,7 +66,7 @@ def main():
     grpo.quiet_libraries()
     tokenizer = grpo.load_tokenizer(args.model)
     model = grpo.load_model(args.model, device).eval()
-    prompts = [r["prompt"] for r in rewards.load_dataset_rows(args.data, "train")[:args.questions]]
+    prompts = [r["prompt"] for r in rewards.load_dataset_rows(args.data, "train", example_turn=False)[:args.questions]]
     work = (model, tokenizer, prompts, args.generations, args.tokens, 1.0, autocast)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 

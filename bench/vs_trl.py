@@ -41,7 +41,8 @@ def peak_rss_mb() -> float:
 
 def questions(args) -> list[dict]:
     """The first (warmup + steps) x P questions of the data file, in order, for both sides."""
-    return rewards.load_dataset_rows(args.data, "train")[: (args.warmup + args.steps) * P]
+    # the prompt its figures were measured with: no worked example
+    return rewards.load_dataset_rows(args.data, "train", example_turn=False)[: (args.warmup + args.steps) * P]
 
 
 def run_ours(args) -> dict:
