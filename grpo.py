@@ -701,7 +701,7 @@ DIAGNOSTICS = {  # said once by log_step: name: (steps in a row, condition, what
     "truncated": (PATIENCE, lambda m: m["completion/truncated_frac"] > MOST, "most completions "
                   "end unfinished: raise --max-completion-length, or check the end-of-reply ids."),
     "equal_rewards": (PATIENCE, lambda m: m["groups/zero_std_frac"] > MOST, "most groups have "
-                      "equal rewards: no signal. Raise --num-generations, or use easier data."),
+                      "equal rewards: no signal. The task is too easy or too hard: change it."),
     "no_format": (PATIENCE, lambda m: m["reward/format"] == 0, "the format reward is 0: the "
                   "model never writes the tags. Keep --example-turn, or change the prompt."),
     "zero_gradient": (PATIENCE, lambda m: m["grad_norm"] == 0, "the gradient is 0: the weights "
