@@ -701,7 +701,7 @@ DIAGNOSTICS = {  # said once by log_step: name: (steps in a row, condition, what
     "truncated": (PATIENCE, lambda m: m["completion/truncated_frac"] > MOST, "most completions "
                   "end unfinished: raise --max-completion-length, or check the end-of-reply ids."),
     "equal_rewards": (PATIENCE, lambda m: m["groups/zero_std_frac"] > MOST, "most groups have "
-                      "equal rewards: no signal. The task is too easy or too hard: change it."),
+                      "equal rewards: the task is too easy or too hard. Raise G, or change data."),
     "no_format": (PATIENCE, lambda m: m["reward/format"] == 0, "the format reward is 0: the "
                   "model never writes the tags. Keep --example-turn, or change the prompt."),
     "zero_gradient": (PATIENCE, lambda m: m["grad_norm"] == 0, "the gradient is 0: the weights "
@@ -766,7 +766,7 @@ def write_results(cfg: Config, results: dict) -> dict:
     return results
 
 def plot_curves(metrics_path: Path, out_path: Path) -> None:
-    """Reward, accuracy, KL and completion length per step, from metrics.jsonl, as one PNG."""
+    """Reward, accuracy and format rate, KL, completion length per step from metrics.jsonl."""
     from matplotlib.figure import Figure  # no pyplot: leaves a notebook's plotting backend alone
     records = read_jsonl(metrics_path)
     if not records:
