@@ -1367,6 +1367,6 @@ def test_verl_parquet_rows_have_verls_schema_and_our_prompt(tmp_path):
         ours = rewards.load_dataset_rows("arithmetic", split, arithmetic_max=20)
         assert len(rows) == len(ours)
         assert set(rows[0]) == {"data_source", "prompt", "ability", "reward_model", "extra_info"}
-        assert rows[0]["prompt"] == rewards.make_prompt(ours[0]["question"])  # the system prompt and the question
+        assert rows[0]["prompt"] == rewards.make_prompt(ours[0]["question"])  # system prompt, worked example, question
         assert rows[0]["reward_model"] == {"style": "rule", "ground_truth": ours[0]["answer"]}
         assert rows[0]["data_source"] == "arithmetic" and rows[0]["extra_info"]["split"] == split

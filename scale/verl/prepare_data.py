@@ -1,7 +1,8 @@
 """
 Write our train and test rows as the parquet files verl reads, in its documented schema:
-`data_source`, `prompt` (chat messages: rewards.py's system prompt, its worked example, the question), `ability`,
-`reward_model` ({"style": "rule", "ground_truth": the gold answer}) and `extra_info`.
+`data_source`, `prompt` (chat messages: rewards.py's system prompt, its worked example, the
+question), `ability`, `reward_model` ({"style": "rule", "ground_truth": the gold answer}) and
+`extra_info`.
 
     python scale/verl/prepare_data.py --dataset openai/gsm8k --out data/gsm8k-verl
     python scale/verl/prepare_data.py --dataset arithmetic --arithmetic-max 49 --out data/arith
