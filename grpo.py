@@ -20,7 +20,9 @@ Where this file picks among variants or departs from the paper (each a flag):
   - `loss_type`: `grpo` is the paper's 1/G Σ_i 1/|o_i| Σ_t; `dapo` averages over all tokens
     of the batch (DAPO); `dr_grpo` divides by a constant and drops the std from Â (Dr. GRPO).
   - the clip range may be asymmetric, [1 - epsilon_low, 1 + epsilon_high] (DAPO).
-  - the KL estimator is k3 (the paper's); k1 and k2 are there to compare.
+  - the KL term is k3 weighted by the ratio ρ (`k3_ratio`, as DeepSeek-V3.2): as a loss, its
+    gradient is that of KL(π_θ || π_ref), on and off policy. The paper's plain k3 (one flag away)
+    gives, on policy, the gradient of the other KL, KL(π_ref || π_θ) (README: the KL's gradient).
   - `mu` optimizer steps per generated batch (the paper's μ); with mu = 1 the ratio is 1.
   - the reference model can be reset to the policy every N steps (the paper's iterative GRPO).
   - LoRA (`--lora-r`): the reference is then the policy with its adapter switched off.
@@ -63,7 +65,7 @@ class Config:
     max_completion_length: int = 512  # new tokens per completion; one cut here is truncated
     temperature: float = 1.0  # sampling temperature; log-probs are computed at the same one
     beta: float = 0.04  # KL coefficient; 0 loads no reference model at all
-    kl_estimator: str = "k3"  # KL estimator: k1, k2 or k3 (Schulman; the paper uses k3)
+    kl_estimator: str = "k3_ratio"  # KL term: k3_ratio (ρ·k3, the true gradient), k3 (paper's), k2
     epsilon_low: float = 0.2  # ratio clip below: 1 - epsilon_low
     epsilon_high: float = 0.2  # ratio clip above: 1 + epsilon_high
     mu: int = 1  # optimizer steps per generated batch (the paper's μ)
@@ -251,18 +253,23 @@ def frozen_logps(model, input_ids, attention_mask, completion_length: int, cfg: 
                           for i in range(0, len(input_ids), mb)])  # [B, T]
 
 # ---- 5. The loss --------------------------------------------------------------------------------
-def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3") -> torch.Tensor:
-    """Per-token estimate of KL(π_θ || π_ref) from samples of π_θ, with log_r = log π_ref -
-    log π_θ (Schulman, "Approximating KL Divergence"): k1 = -log_r (unbiased, can be negative);
-    k2 = log_r² / 2; k3 = e^log_r - log_r - 1 (unbiased, never negative; the paper's eq. 4)."""
+def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3",
+                old_logp: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-token estimate of KL(π_θ || π_ref), log_r = log π_ref - log π_θ (Schulman, "Approximating
+    KL Divergence"): k1 = -log_r; k2 = log_r² / 2; k3 = e^log_r - log_r - 1 (the paper's eq. 4);
+    k3_ratio = ρ k3, ρ = π_θ / π_θ_old. Used as a loss on samples of π_θ_old, its expected gradient
+    is, at θ = θ_old: 0 for k1 (it regularizes nothing), ∇KL(π_θ || π_ref) for k2 and k3_ratio,
+    ∇KL(π_ref || π_θ) for k3; at θ != θ_old (mu > 1), ∇KL(π_θ || π_ref) for k3_ratio alone."""
     if kind not in KL_ESTIMATORS:
         raise ValueError(f"unknown KL estimator {kind!r}; choose one of {', '.join(KL_ESTIMATORS)}")
     log_r = ref_logp - logp  # [B, T]
+    if kind == "k3_ratio":  # the gradient flows through ρ too: E_old[ρ k3] = E_θ[k3] = KL
+        return torch.exp(logp - old_logp) * (torch.exp(log_r) - log_r - 1)
     return {"k1": -log_r, "k2": 0.5 * log_r**2, "k3": torch.exp(log_r) - log_r - 1}[kind]
 
 def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, beta: float, epsilon_low: float,
               epsilon_high: float, loss_type: str, max_completion_length: int,
-              kl_estimator: str = "k3", num_sequences: int | None = None,
+              kl_estimator: str = "k3_ratio", num_sequences: int | None = None,
               num_tokens: int | None = None):
     """The negated GRPO objective, and its diagnostics. Per token,
         X_it = -min(ρ_it Â_i, clip(ρ_it, 1 - ε_low, 1 + ε_high) Â_i) + β KL_it, then
@@ -274,7 +281,7 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, beta: float, epsilo
     A = advantages[:, None]  # [B, 1]
     clipped = ratio.clamp(1 - epsilon_low, 1 + epsilon_high)  # [B, T]
     per_token = -torch.minimum(ratio * A, clipped * A)  # [B, T]
-    kl = kl_estimate(logp, ref_logp, kl_estimator) if ref_logp is not None else None  # [B, T]
+    kl = kl_estimate(logp, ref_logp, kl_estimator, old_logp) if ref_logp is not None else None
     if kl is not None and beta != 0:
         per_token = per_token + beta * kl  # plus: the KL is a penalty on the objective
 
@@ -426,7 +433,7 @@ def evaluate(model, tokenizer, rows: list[dict], batch_size: int = 32,
 
 # ==== Part 2: Machinery (flags, devices, loading, checkpoints, logs, main) ========================
 
-LOSS_TYPES, KL_ESTIMATORS = ("grpo", "dapo", "dr_grpo"), ("k1", "k2", "k3")
+LOSS_TYPES, KL_ESTIMATORS = ("grpo", "dapo", "dr_grpo"), ("k1", "k2", "k3", "k3_ratio")
 # What --resume may change (length, step size, machine, memory, logs); the rest is the run's own.
 CHANGEABLE_ON_RESUME = (
     "max_steps", "resume", "output_dir", "learning_rate", "weight_decay", "max_grad_norm",
@@ -463,6 +470,8 @@ def check_config(cfg: Config) -> None:
     for name in ("eval_size", "save_every", "log_samples_every", "ref_sync_every", "lora_r",
                  "beta", "weight_decay"):
         require(getattr(cfg, name) >= 0, f"{flag(name)} is {getattr(cfg, name)}; it must be >= 0.")
+    require(cfg.kl_estimator != "k1", "--kl-estimator k1: as a loss its gradient is 0 in "
+            "expectation on policy, so it regularizes nothing. Use k3_ratio (the default), k3 or k2.")
     require(0 <= cfg.epsilon_low < 1 and cfg.epsilon_high >= 0, f"clip range [1 - "
             f"{cfg.epsilon_low}, 1 + {cfg.epsilon_high}]: use 0 <= epsilon-low < 1 <= 1 + high.")
     for name, choices in (("loss_type", (*LOSS_TYPES, "bnpo")), ("kl_estimator", KL_ESTIMATORS),

@@ -134,6 +134,67 @@ def test_kl_estimators_reference_values():
         kl_estimate(logp, log_r, "k4")
 
 
+# The KL term as a loss, by exact enumeration: one token from a categorical policy over V choices, its
+# expected gradient Σ_x π_old(x) ∇ grpo_loss(x) summed over every x (no sampling noise), against
+# autograd of the two KLs. float64, so "equal" is to rounding (1e-9) and "neither" is far (> 5%).
+KL_GRADIENT_TABLE = [  # (estimator, θ_old = θ?, whose gradient it is)
+    ("k1", True, "zero"), ("k1", False, "neither"),
+    ("k2", True, "KL(π_θ || π_ref)"), ("k2", False, "neither"),
+    ("k3", True, "KL(π_ref || π_θ)"), ("k3", False, "neither"),
+    ("k3_ratio", True, "KL(π_θ || π_ref)"), ("k3_ratio", False, "KL(π_θ || π_ref)"),
+]
+
+
+def expected_kl_term_gradient(kind, theta, old_logits, ref_logits):
+    """∇_θ of E_{x ~ π_old}[β KL_x] as grpo_loss computes it (β = 1, Â = 0), summed over every x."""
+    theta = theta.clone().requires_grad_(True)
+    logp, ref_logp = theta.log_softmax(-1), ref_logits.log_softmax(-1)  # [V]
+    old_logp = logp.detach() if old_logits is None else old_logits.log_softmax(-1)  # None: on policy
+    expected = 0
+    for x in range(len(theta)):
+        one = lambda t: t[x].view(1, 1)  # noqa: E731  a completion of one token, x
+        loss, _ = grpo_loss(one(logp), one(old_logp), one(ref_logp), torch.zeros(1, dtype=theta.dtype),
+                            torch.ones(1, 1), beta=1.0, epsilon_low=0.2, epsilon_high=0.2, loss_type="grpo",
+                            max_completion_length=1, kl_estimator=kind)
+        expected = expected + old_logp[x].exp() * loss
+    return torch.autograd.grad(expected, theta)[0]
+
+
+def kl_gradients(theta, ref_logits):
+    """Autograd of KL(π_θ || π_ref) and of KL(π_ref || π_θ) with respect to the logits θ."""
+    theta = theta.clone().requires_grad_(True)
+    logp, ref_logp = theta.log_softmax(-1), ref_logits.log_softmax(-1)
+    reverse = (logp.exp() * (logp - ref_logp)).sum()
+    forward = (ref_logp.exp() * (ref_logp - logp)).sum()
+    return {"KL(π_θ || π_ref)": torch.autograd.grad(reverse, theta, retain_graph=True)[0],
+            "KL(π_ref || π_θ)": torch.autograd.grad(forward, theta)[0]}
+
+
+@pytest.mark.parametrize("kind, on_policy, whose", KL_GRADIENT_TABLE)
+def test_which_kl_gradient_each_estimator_gives_as_a_loss(kind, on_policy, whose):
+    generator = torch.Generator().manual_seed(0)
+    theta, ref_logits, old_logits = torch.randn(3, 6, generator=generator, dtype=torch.float64)  # V = 6
+    gradient = expected_kl_term_gradient(kind, theta, None if on_policy else old_logits, ref_logits)
+    truths = kl_gradients(theta, ref_logits)
+    if whose == "zero":
+        torch.testing.assert_close(gradient, torch.zeros_like(gradient), atol=1e-9, rtol=0)
+    elif whose == "neither":
+        for truth in truths.values():
+            assert (gradient - truth).norm() > 0.05 * truth.norm()
+    else:
+        torch.testing.assert_close(gradient, truths[whose], atol=1e-9, rtol=0)
+        other = next(t for name, t in truths.items() if name != whose)
+        assert (gradient - other).norm() > 0.05 * other.norm()  # the two KLs differ here
+
+
+def test_k3_ratio_is_k3_times_the_ratio_and_k1_is_refused(tiny_model_dir, tmp_path):
+    logp, old_logp, ref_logp = torch.tensor([-1.0, -0.5]), torch.tensor([-1.2, -0.1]), torch.tensor([-0.7, -0.9])
+    torch.testing.assert_close(kl_estimate(logp, ref_logp, "k3_ratio", old_logp),
+                               torch.exp(logp - old_logp) * kl_estimate(logp, ref_logp, "k3"))
+    with pytest.raises(ConfigError, match="k1: as a loss its gradient is 0 in expectation on policy"):
+        grpo.check_config(tiny_config(tiny_model_dir, tmp_path, kl_estimator="k1"))
+
+
 TWO_COMPLETIONS = dict(
     logp=torch.tensor([[-1.0, -0.5, -2.0, 0.0], [-0.3, -1.3, 0.0, 0.0]]),
     old_logp=torch.tensor([[-1.1, -0.8, -1.9, 0.0], [-0.5, -1.0, 0.0, 0.0]]),
@@ -146,7 +207,7 @@ TWO_COMPLETIONS = dict(
 @pytest.mark.parametrize("loss_type, expected", [("grpo", -0.174898), ("dapo", -0.311043), ("dr_grpo", -0.194402)])
 def test_grpo_loss_reference_values(loss_type, expected):
     loss, diagnostics = grpo_loss(**TWO_COMPLETIONS, beta=0.04, epsilon_low=0.2, epsilon_high=0.2,
-                                  loss_type=loss_type, max_completion_length=4)
+                                  loss_type=loss_type, max_completion_length=4, kl_estimator="k3")
     assert loss.item() == pytest.approx(expected, abs=1e-5)
     # token 2 of completion 1: ratio e^0.3 = 1.35 > 1.2 with A > 0; token 2 of completion 2: e^-0.3 = 0.74 < 0.8 with A < 0
     assert diagnostics["clip/high_frac"] == pytest.approx(1 / 5)
@@ -1278,8 +1339,14 @@ TRL_FIELDS = [
     ("--loss-type dr_grpo", "scale_rewards", "none"),
     ("--loss-type grpo", "scale_rewards", "group"),
     ("--mu 2", "num_iterations", 2),
+    ("--kl-estimator k3_ratio", "use_bias_correction_kl", True),  # k3 x the ratio
+    ("--kl-estimator k3", "use_bias_correction_kl", False),  # the paper's plain k3
     ("--ref-sync-every 5", "sync_ref_model", True),
     ("--ref-sync-every 5", "ref_model_sync_steps", 5),
+    # TRL counts optimizer steps: a step of ours is one generated batch and mu optimizer steps
+    ("--mu 2 --max-steps 200", "max_steps", 400),
+    ("--mu 2 --save-every 5", "save_steps", 10),
+    ("--mu 2 --ref-sync-every 5", "ref_model_sync_steps", 10),
     ("--ref-sync-every 5", "ref_model_mixup_alpha", 1.0),
     ("--learning-rate 3e-6", "learning_rate", 3e-6),
     ("--learning-rate 3e-6", "lr_scheduler_type", "constant"),
@@ -1294,9 +1361,13 @@ TRL_FIELDS = [
     ("--precision bf16 --device cpu", "bf16", True),
     ("--device cpu", "use_cpu", True),
     ("--save-every 5", "save_steps", 5),
-    ("--save-every 0", "save_strategy", "no"),
+    ("--save-every 0", "save_strategy", "steps"),  # a checkpoint at the end only, as ours
+    ("--save-every 0 --max-steps 7", "save_steps", 7),
+    ("--num-generations 4", "disable_dropout", True),  # the learner scores the sampler's policy
     ("--log-samples-every 0", "log_completions", False),
     ("--trust-remote-code", "model_init_kwargs", {"dtype": torch.float32, "trust_remote_code": True}),
+    ("--trust-remote-code", "trust_remote_code", True),  # the tokenizer TRL loads itself
+    ("--no-trust-remote-code", "trust_remote_code", False),
 ]
 
 
@@ -1322,7 +1393,9 @@ def test_trl_runner_maps_lora_and_splits_the_batch_over_processes(tmp_path):
 
 
 @pytest.mark.parametrize("flags, message", [
-    ("--kl-estimator k1", "--kl-estimator 'k1': TRL estimates the KL with k3 only"),
+    ("--kl-estimator k2", "--kl-estimator 'k2': TRL estimates the KL with k3 only"),
+    ("--weight-decay 0.1", "--weight-decay 0.1: TRL's Trainer does not decay biases and norm weights"),
+    ("--use-vllm", "--use-vllm: vllm is not installed. pip install vllm"),
     ("--logp-chunk-size 256", "--logp-chunk-size 256: TRL computes log-probs its own way"),
     ("--prompts-per-step 2 --num-generations 4 --micro-batch-size 3", "--micro-batch-size 3: TRL splits"),
 ])
@@ -1370,3 +1443,71 @@ def test_verl_parquet_rows_have_verls_schema_and_our_prompt(tmp_path):
         assert rows[0]["prompt"] == rewards.make_prompt(ours[0]["question"])  # system prompt, worked example, question
         assert rows[0]["reward_model"] == {"style": "rule", "ground_truth": ours[0]["answer"]}
         assert rows[0]["data_source"] == "arithmetic" and rows[0]["extra_info"]["split"] == split
+
+
+# TRL's GRPOTrainer and grpo.py on one batch: per-token log-probs, loss and gradient. The batch: two groups of
+# two completions, prompts of different lengths (left padding), completions that end early (masked), T = 0.7, a
+# reference 0.1-0.3 nats away so that the KL acts, and for mu > 1 old log-probs 0.1-0.4 nats away so that the
+# ratio is not 1 and the clip acts. Both sides run float32 (TRL's bf16 off) over the same weights and differ only
+# in the order of float32 sums (TRL's fused output layer, our chunked logsumexp): seen, log-probs within 5e-7,
+# losses equal, gradients within 1.3e-7 relative. Tolerances: 1e-5 for log-probs, 1e-6 for the loss, 1e-5 for
+# the gradient (float32 rounding, with room). Swapping only the KL option (beta 0.04) moves the gradient by
+# 9e-4 to 1.7e-3 relative: the last assertion requires > 1e-4, so the comparison sees a change that small.
+
+@pytest.fixture(scope="module")
+def trl_trainer(tiny_model_dir, tmp_path_factory):
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+    args = trl.GRPOConfig(output_dir=str(tmp_path_factory.mktemp("trl")), use_cpu=True, bf16=False, report_to="none",
+                          per_device_train_batch_size=4, num_generations=2, max_completion_length=5,
+                          temperature=0.7, beta=0.04, epsilon=0.2, epsilon_high=0.28, disable_dropout=True,
+                          model_init_kwargs={"dtype": torch.float32})
+    trainer = trl.GRPOTrainer(model=str(tiny_model_dir), reward_funcs=[lambda completions, **kw: [0.0] * len(completions)],
+                              args=args, train_dataset=Dataset.from_list([{"prompt": "a b"}] * 4))
+    trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train; one micro-batch here
+    return trainer
+
+
+@pytest.mark.parametrize("mu", [1, 2])
+@pytest.mark.parametrize("kl_estimator", ["k3", "k3_ratio"])
+@pytest.mark.parametrize("loss_type", grpo.LOSS_TYPES)
+def test_logps_loss_and_gradient_agree_with_trl(trl_trainer, tiny_model_dir, loss_type, kl_estimator, mu):
+    generator = torch.Generator().manual_seed(0)
+    prompt_ids = torch.randint(5, 30, (4, 4), generator=generator)
+    prompt_mask = torch.tensor([[0, 1, 1, 1]] * 2 + [[1, 1, 1, 1]] * 2)  # group 1's prompt is one token shorter
+    completion_ids = torch.randint(5, 30, (4, 5), generator=generator)
+    completion_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 0, 0, 0, 0]])
+    input_ids, attention_mask = torch.cat([prompt_ids, completion_ids], 1), torch.cat([prompt_mask, completion_mask], 1)
+    advantages = torch.tensor([0.7, -0.7, -1.1, 1.1])
+    ours = grpo.load_model(str(tiny_model_dir), torch.device("cpu")).train()
+    with torch.no_grad():
+        logp = per_token_logps(ours, input_ids, attention_mask, 5, temperature=0.7)
+    ref_logp = logp + 0.1 + 0.2 * torch.rand(logp.shape, generator=generator)
+    old_logp = logp - 0.1 - 0.3 * torch.rand(logp.shape, generator=generator) if mu > 1 else None
+
+    trainer, theirs = trl_trainer, trl_trainer.model
+    trainer.loss_type, trainer.args.use_bias_correction_kl = loss_type, kl_estimator == "k3_ratio"
+    theirs.train().zero_grad()
+    their_logp = trainer._get_per_token_logps_and_entropies(theirs, input_ids, attention_mask, 5)[0]
+    kept = completion_mask.bool()  # TRL leaves 0 where the mask is 0
+    torch.testing.assert_close(their_logp.detach()[kept], logp[kept], atol=1e-5, rtol=0)
+    inputs = dict(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
+                  completion_mask=completion_mask, advantages=advantages, ref_per_token_logps=ref_logp,
+                  old_per_token_logps=old_logp, num_items_in_batch=completion_mask.sum())
+    their_loss = trainer._compute_loss(theirs, inputs)
+    their_loss.backward()
+
+    def our_loss_and_gradient(estimator):
+        ours.zero_grad()
+        logp = per_token_logps(ours, input_ids, attention_mask, 5, temperature=0.7)
+        loss, _ = grpo_loss(logp, old_logp if mu > 1 else logp.detach(), ref_logp, advantages, completion_mask,
+                            beta=0.04, epsilon_low=0.2, epsilon_high=0.28, loss_type=loss_type,
+                            max_completion_length=5, kl_estimator=estimator)
+        loss.backward()
+        return loss.detach(), torch.cat([p.grad.flatten() for p in ours.parameters()])
+    our_loss, our_gradient = our_loss_and_gradient(kl_estimator)
+    their_gradient = torch.cat([p.grad.flatten() for p in theirs.parameters()])
+    assert our_loss.item() == pytest.approx(their_loss.item(), rel=1e-6)
+    assert (our_gradient - their_gradient).norm() < 1e-5 * their_gradient.norm()
+    _, other_gradient = our_loss_and_gradient("k3" if kl_estimator == "k3_ratio" else "k3_ratio")
+    assert (other_gradient - their_gradient).norm() > 1e-4 * their_gradient.norm()  # 10x the tolerance

@@ -4,15 +4,20 @@ enough. Nothing here changes grpo.py; TRL is not one of its dependencies.
 
     pip install -r scale/requirements.txt
     python scale/trl_grpo.py --model Qwen/Qwen2.5-0.5B-Instruct --max-steps 200     # one device
+    python scale/trl_grpo.py --use-vllm --max-steps 200      # sampling by vLLM (pip install vllm)
     accelerate launch --num_processes 4 scale/trl_grpo.py --max-steps 200            # 4 GPUs
 
 Every grpo.py flag means here what it means there. `trl_config` turns them into TRL's
 `GRPOConfig`, field by field (checked against TRL 1.16's `GRPOTrainer`); a flag that TRL cannot
 honour is refused, with the reason, before any model loads. The rewards are rewards.py's, with
 grpo.py's weights; the rows (and so the prompt) come from rewards.load_dataset_rows; evaluation
-is grpo.py's own `evaluate` (greedy accuracy and format rate), before and after training.
+is grpo.py's own `evaluate` (greedy accuracy and format rate, under grpo.py's precision), before
+and after training. One flag is this runner's own: `--use-vllm` samples with vLLM, colocated with
+training on the same GPUs (TRL's `use_vllm`, `vllm_mode="colocate"`).
 """
 
+import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -29,17 +34,26 @@ import rewards  # noqa: E402
 LOSS_TYPES = {"grpo": "grpo", "dapo": "dapo", "bnpo": "dapo", "dr_grpo": "dr_grpo"}
 # Flags that TRL has no equivalent for: refused unless left at grpo.py's default.
 NO_TRL_EQUIVALENT = {
-    "kl_estimator": "TRL estimates the KL with k3 only",
     "logp_chunk_size": "TRL computes log-probs its own way",
+    # transformers' Trainer exempts biases and norm weights from weight decay; grpo.py decays all
+    "weight_decay": "TRL's Trainer does not decay biases and norm weights, grpo.py decays every one",
 }
+# TRL's KL term is k3, weighted by the ratio or not (`use_bias_correction_kl`); it has no k2.
+TRL_KL_ESTIMATORS = ("k3", "k3_ratio")
 
 
-def refusals(cfg: grpo.Config, num_processes: int = 1) -> list[str]:
+def refusals(cfg: grpo.Config, num_processes: int = 1, use_vllm: bool = False) -> list[str]:
     """What TRL cannot do as asked, one message per flag; empty when everything maps."""
     default = grpo.Config()
     messages = [f"{grpo.flag(name)} {getattr(cfg, name)!r}: {why}; drop the flag to use "
                 f"{getattr(default, name)!r}." for name, why in NO_TRL_EQUIVALENT.items()
                 if getattr(cfg, name) != getattr(default, name)]
+    if cfg.kl_estimator not in TRL_KL_ESTIMATORS:
+        messages.append(f"--kl-estimator {cfg.kl_estimator!r}: TRL estimates the KL with k3 only, "
+                        f"with or without the ratio; use one of {', '.join(TRL_KL_ESTIMATORS)}.")
+    if use_vllm and importlib.util.find_spec("vllm") is None:
+        messages.append("--use-vllm: vllm is not installed. pip install vllm (it needs a CUDA "
+                        "GPU), or drop --use-vllm to sample with transformers.")
     completions = cfg.prompts_per_step * cfg.num_generations
     if completions % (cfg.micro_batch_size * num_processes):
         messages.append(f"--micro-batch-size {cfg.micro_batch_size}: TRL splits a step's P x G = "
@@ -59,33 +73,39 @@ def uses_bf16(cfg: grpo.Config) -> bool:
     return getattr(autocast, "fast_dtype", None) == torch.bfloat16
 
 
-def trl_config(cfg: grpo.Config, num_processes: int = 1):
-    """TRL's GRPOConfig with grpo.py's settings."""
+def trl_config(cfg: grpo.Config, num_processes: int = 1, use_vllm: bool = False):
+    """TRL's GRPOConfig with grpo.py's settings. TRL counts optimizer steps: one grpo.py step (one
+    generated batch, then mu optimizer steps) is mu of TRL's, so steps are multiplied by mu."""
     import torch
     from trl import GRPOConfig
 
     completions = cfg.prompts_per_step * cfg.num_generations  # one step's P x G
     return GRPOConfig(
-        output_dir=cfg.output_dir, seed=cfg.seed, max_steps=cfg.max_steps,
+        output_dir=cfg.output_dir, seed=cfg.seed, max_steps=cfg.max_steps * cfg.mu,
         num_generations=cfg.num_generations,
         per_device_train_batch_size=cfg.micro_batch_size,  # completions per micro-batch
         gradient_accumulation_steps=completions // (cfg.micro_batch_size * num_processes),
         max_completion_length=cfg.max_completion_length,
         temperature=cfg.temperature, top_k=0, top_p=1.0, min_p=None, repetition_penalty=1.0,
         beta=cfg.beta, epsilon=cfg.epsilon_low, epsilon_high=cfg.epsilon_high,
+        use_bias_correction_kl=cfg.kl_estimator == "k3_ratio",  # k3 x π_θ / π_θ_old, or plain k3
         loss_type=LOSS_TYPES[cfg.loss_type],
         scale_rewards="none" if cfg.loss_type == "dr_grpo" else "group",  # Dr. GRPO drops the std
-        num_iterations=cfg.mu,
-        sync_ref_model=cfg.ref_sync_every > 0, ref_model_sync_steps=max(cfg.ref_sync_every, 1),
+        num_iterations=cfg.mu,  # TRL then samples once every mu optimizer steps
+        sync_ref_model=cfg.ref_sync_every > 0,
+        ref_model_sync_steps=max(cfg.ref_sync_every, 1) * cfg.mu,
         ref_model_mixup_alpha=1.0,  # a full copy of the policy, as grpo.py's
         reward_weights=[getattr(cfg, f"{name}_weight") for name in rewards.REWARD_FUNCTIONS],
         learning_rate=cfg.learning_rate, lr_scheduler_type="constant", warmup_steps=0,
         weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
         gradient_checkpointing=cfg.gradient_checkpointing,  # TRL's default is on; ours off
-        bf16=uses_bf16(cfg), use_cpu=cfg.device == "cpu",
+        disable_dropout=True,  # the learner scores the sampler's policy, as in grpo.py
+        bf16=uses_bf16(cfg), use_cpu=cfg.device == "cpu", trust_remote_code=cfg.trust_remote_code,
         model_init_kwargs={"dtype": torch.float32, "trust_remote_code": cfg.trust_remote_code},
-        save_strategy="steps" if cfg.save_every else "no", save_steps=max(cfg.save_every, 1),
+        # --save-every 0 saves at the end only, as grpo.py does (a checkpoint --resume finds)
+        save_strategy="steps", save_steps=(cfg.save_every or cfg.max_steps) * cfg.mu,
         save_total_limit=1,  # the latest checkpoint only, as grpo.py
+        use_vllm=use_vllm, vllm_mode="colocate",  # vLLM on the training GPUs, when asked for
         log_completions=cfg.log_samples_every > 0, logging_steps=1, report_to="none",
     )
 
@@ -111,15 +131,19 @@ def peft_config(cfg: grpo.Config):
 
 
 def main(argv: list[str] | None = None) -> dict:
-    cfg = grpo.parse_args(argv)
+    runner = argparse.ArgumentParser(add_help=False)  # this runner's own flag; the rest: grpo.py's
+    runner.add_argument("--use-vllm", action="store_true")
+    own, rest = runner.parse_known_args(argv)
+    cfg = grpo.parse_args(rest)
     num_processes = int(os.environ.get("WORLD_SIZE", "1"))  # set by accelerate launch
     try:
         grpo.check_config(cfg)  # grpo.py's checks of the flags; the output folder is TRL's
-        grpo.require(not refusals(cfg, num_processes), "\n".join(refusals(cfg, num_processes)))
+        refused = refusals(cfg, num_processes, own.use_vllm)
+        grpo.require(not refused, "\n".join(refused))
         settings = (cfg.dataset_config, cfg.arithmetic_max, cfg.seed, cfg.example_turn)
         train_rows = rewards.load_dataset_rows(cfg.dataset, "train", *settings)
         eval_rows = rewards.load_dataset_rows(cfg.dataset, "test", *settings)[:cfg.eval_size]
-        args = trl_config(cfg, num_processes)
+        args = trl_config(cfg, num_processes, own.use_vllm)
     except grpo.ConfigError as error:
         sys.exit(f"trl_grpo.py: error: {error}")
 
@@ -136,8 +160,9 @@ def main(argv: list[str] | None = None) -> dict:
     def evaluate(when):
         if cfg.eval_size and trainer.accelerator.is_main_process:
             model = trainer.accelerator.unwrap_model(trainer.model)
+            autocast = grpo.autocast_for(next(model.parameters()).device, cfg.precision)
             results[when] = grpo.evaluate(model, tokenizer, eval_rows, cfg.eval_batch_size,
-                                          cfg.max_completion_length)
+                                          cfg.max_completion_length, autocast)  # as grpo.py
             print(f"{when} training: {results[when]}")
         trainer.accelerator.wait_for_everyone()
 
