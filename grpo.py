@@ -5,7 +5,7 @@ arXiv:2402.03300, section 4.1 and Algorithm 1.
 
 Part 1, "GRPO", reads top to bottom in the order of one step, then the loop and evaluation:
   1. sample G completions for each of P questions from the current policy
-  2. score each completion with rule-based rewards (rewards.py): no reward model
+  2. score each completion with rules (rewards.py): a program checks the answer
   3. advantage = reward normalized within its question's group: no critic
   4. per-token log-probs of the completions under the policy, the old policy, the reference
   5. minimize the clipped surrogate loss plus β·KL(policy || reference), then step AdamW
@@ -23,11 +23,10 @@ Where this file picks among variants or departs from the paper (each a flag):
   - the KL term is k3 weighted by the ratio ρ (`k3_ratio`, as DeepSeek-V3.2): as a loss, its
     gradient is that of KL(π_θ || π_ref), on and off policy. The paper's plain k3 (one flag away)
     gives, on policy, the gradient of the other KL, KL(π_ref || π_θ) (README: the KL's gradient).
-  - `mu` optimizer steps per generated batch (the paper's μ); with mu = 1 the ratio is 1.
-  - the reference model can be reset to the policy every N steps (the paper's iterative GRPO).
-  - LoRA (`--lora-r`): the reference is then the policy with its adapter switched off.
-  - outcome rewards only (the paper also tries per-step rewards), and a completion without an
-    <answer> block is read by its last number (rewards.py).
+  - the reference can be reset to the policy every N steps (the paper's iterative GRPO); with
+    LoRA (`--lora-r`) it is the policy with its adapter switched off.
+  - rewards are rules on the outcome, as DeepSeek-R1's (DeepSeekMath's RL used a learned reward
+    model, and also per-step rewards); a reply without <answer> is read by its last number.
 
 Shapes: B = P*G completions, Tp prompt and T completion tokens, H hidden size, V vocabulary.
 """
@@ -167,9 +166,8 @@ def sample_tokens(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return torch.searchsorted(cdf, u, right=True).squeeze(-1)  # [B] first index with cdf > u
 
 def prompt_cache(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, repeats: int):
-    """Keys and values of each prompt but its last token, computed once and repeated: the G
-    completions of a question share its prompt. The pass that takes the cache feeds the last
-    token, whose state predicts the first completion token."""
+    """Keys and values of each prompt but its last token, computed once and repeated for its G
+    completions. The pass that takes the cache feeds the last token: it predicts the first one."""
     position_ids = (prompt_mask.cumsum(dim=1) - 1).clamp(min=0)  # left padding: real tokens only
     cache = model.get_decoder()(input_ids=prompt_ids[:, :-1], attention_mask=prompt_mask[:, :-1],
                                 position_ids=position_ids[:, :-1], use_cache=True).past_key_values
@@ -193,8 +191,8 @@ def score_completions(completions: list[str], answers: list[str], weights: dict[
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool = True,
                      eps: float = 1e-4) -> torch.Tensor:
-    """Â_i = (r_i - mean(r)) / (std(r) + eps) within each group of `group_size` neighbours, with
-    the sample std (N - 1); Dr. GRPO drops the std. Equal rewards give Â = 0 exactly."""
+    """Â_i = (r_i - mean(r)) / (std(r) + eps) within each group of `group_size` neighbours (sample
+    std, N - 1; Dr. GRPO drops it). Equal rewards give Â = 0 exactly."""
     grouped = rewards.view(-1, group_size)  # [P, G]
     advantages = grouped - grouped.mean(dim=1, keepdim=True)  # [P, G]
     if scale_by_std:
@@ -206,22 +204,20 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool 
 def per_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                     completion_length: int, temperature: float = 1.0,
                     chunk_size: int = 1024) -> torch.Tensor:
-    """log π(o_t | q, o_<t) = logit[o_t] - logsumexp(logits) of the last `completion_length`
-    tokens of each row, with logits = lm_head(h) / temperature: the sampler's temperature, or
-    the ratio and the KL would score another policy. The vocabulary projection runs over
-    chunks of completion tokens, recomputed in backward: no [B, T, V] tensor ever exists."""
+    """log π(o_t | q, o_<t) = logit[o_t] - logsumexp(logits) of the last `completion_length` tokens
+    of each row, logits = lm_head(h) / temperature (the sampler's, or another policy is scored),
+    over chunks of tokens recomputed in backward: no [B, T, V] tensor ever exists."""
     T = completion_length
     first = int(attention_mask.any(dim=0).int().argmax())  # columns of padding only: drop them
     input_ids, attention_mask = input_ids[:, first:], attention_mask[:, first:]  # [B, Tp + T]
     position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # as generate() numbered them
     Tp = input_ids.shape[1] - T
-    # One group (every row has the same prompt): the prompt runs once and its cache serves all
-    # rows. Not under gradient checkpointing in training, where transformers keeps no cache.
+    # One group (the same prompt in every row): the prompt runs once, its cache serves all rows;
+    # under gradient checkpointing (no cache there) none of a step's passes does so: all alike.
     one_prompt = (len(input_ids) > 1 and Tp > 1
                   and bool((input_ids[:, :Tp] == input_ids[:1, :Tp]).all())
                   and bool((attention_mask[:, :Tp] == attention_mask[:1, :Tp]).all()))
-    checkpointing = model.training and any(getattr(m, "gradient_checkpointing", False)
-                                           for m in model.modules())
+    checkpointing = any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
     start, cache = 0, None
     if one_prompt and not checkpointing:
         start = Tp - 1  # the pass below starts at the prompt's last token
@@ -243,8 +239,7 @@ def per_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
                       if torch.is_grad_enabled() else chunk_logps(*args))
     return torch.cat(chunks).view_as(targets)  # [B, T]
 
-def frozen_logps(model, input_ids, attention_mask, completion_length: int, cfg: Config,
-                 autocast) -> torch.Tensor:
+def frozen_logps(model, input_ids, attention_mask, completion_length: int, cfg: Config, autocast):
     """Log-probs that the update does not change (old policy, reference), in micro-batches."""
     mb = cfg.micro_batch_size
     with torch.no_grad(), autocast:
@@ -257,9 +252,8 @@ def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3",
                 old_logp: torch.Tensor | None = None) -> torch.Tensor:
     """Per-token estimate of KL(π_θ || π_ref), log_r = log π_ref - log π_θ (Schulman, "Approximating
     KL Divergence"): k1 = -log_r; k2 = log_r² / 2; k3 = e^log_r - log_r - 1 (the paper's eq. 4);
-    k3_ratio = ρ k3, ρ = π_θ / π_θ_old. Used as a loss on samples of π_θ_old, its expected gradient
-    is, at θ = θ_old: 0 for k1 (it regularizes nothing), ∇KL(π_θ || π_ref) for k2 and k3_ratio,
-    ∇KL(π_ref || π_θ) for k3; at θ != θ_old (mu > 1), ∇KL(π_θ || π_ref) for k3_ratio alone."""
+    k3_ratio = ρ k3. As a loss on samples of π_θ_old only k3_ratio's gradient is ∇KL(π_θ || π_ref)
+    on and off policy; on policy, k1's is 0, k2's ∇KL(π_θ || π_ref), k3's ∇KL(π_ref || π_θ)."""
     if kind not in KL_ESTIMATORS:
         raise ValueError(f"unknown KL estimator {kind!r}; choose one of {', '.join(KL_ESTIMATORS)}")
     log_r = ref_logp - logp  # [B, T]
@@ -273,9 +267,8 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, beta: float, epsilo
               num_tokens: int | None = None):
     """The negated GRPO objective, and its diagnostics. Per token,
         X_it = -min(ρ_it Â_i, clip(ρ_it, 1 - ε_low, 1 + ε_high) Â_i) + β KL_it, then
-    grpo: 1/B Σ_i 1/|o_i| Σ_t X_it (the paper); dapo: Σ_it X_it / Σ_i |o_i| (token mean);
-    dr_grpo: Σ_it X_it / (B * max_completion_length). Micro-batches pass the whole batch's B
-    and Σ|o_i|, so that their losses and gradients add up to the full batch's."""
+    grpo: 1/B Σ_i 1/|o_i| Σ_t X_it (the paper); dapo: Σ_it X_it / Σ_i |o_i|; dr_grpo: Σ_it X_it /
+    (B * max_completion_length). B and Σ|o_i| are the whole batch's: micro-batches add up."""
     mask = mask.float()  # [B, T]
     ratio = torch.exp(logp - old_logp)  # [B, T]
     A = advantages[:, None]  # [B, 1]
@@ -284,7 +277,6 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, beta: float, epsilo
     kl = kl_estimate(logp, ref_logp, kl_estimator, old_logp) if ref_logp is not None else None
     if kl is not None and beta != 0:
         per_token = per_token + beta * kl  # plus: the KL is a penalty on the objective
-
     num_sequences = num_sequences or logp.shape[0]
     num_tokens = num_tokens or mask.sum()
     if loss_type == "grpo":
@@ -356,8 +348,7 @@ def grpo_step(policy, reference, tokenizer, optimizer, rows: list[dict], cfg: Co
                 loss.backward()
                 losses.append(loss.item())
                 diagnostics.append((int(mask[mb].sum()), diag))
-            trainable = [p for p in policy.parameters() if p.requires_grad]
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
             require_finite(grad_norm, "the gradient")
             optimizer.step()
     policy.eval()
@@ -382,12 +373,11 @@ def train(cfg: Config) -> dict:
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad],
                                   lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     start_step, results = resume_run(cfg, resume_from, optimizer)
+    evaluation = (eval_rows, cfg.eval_batch_size, cfg.max_completion_length, autocast)
     if resume_from is None and cfg.eval_size:
-        results["before"] = evaluate(policy, tokenizer, eval_rows, cfg.eval_batch_size,
-                                     cfg.max_completion_length, autocast)
+        results["before"] = evaluate(policy, tokenizer, *evaluation)
         print(f"before training: {results['before']}")
     write_results(cfg, results)
-
     completed = start_step  # steps whose update the weights hold
     bar = tqdm(range(start_step, cfg.max_steps), "GRPO", initial=start_step, total=cfg.max_steps)
     try:
@@ -406,18 +396,15 @@ def train(cfg: Config) -> dict:
     except (FloatingPointError, KeyboardInterrupt) as stop:  # a NaN, or Ctrl-C
         stop_run(output_dir, completed, stop, policy, reference, tokenizer, optimizer, cfg)
     bar.close()
-
     final = save_checkpoint(output_dir, cfg.max_steps, policy, reference, tokenizer, optimizer, cfg)
     results["final_checkpoint"] = str(final)
     plot_curves(output_dir / "metrics.jsonl", output_dir / "curves.png")
     if cfg.eval_size:
-        results["after"] = evaluate(policy, tokenizer, eval_rows, cfg.eval_batch_size,
-                                    cfg.max_completion_length, autocast)
+        results["after"] = evaluate(policy, tokenizer, *evaluation)
         print(f"after training: {results['after']}")
     results["steps"] = cfg.max_steps
     return write_results(cfg, results)
 
-@torch.no_grad()
 def evaluate(model, tokenizer, rows: list[dict], batch_size: int = 32,
              max_completion_length: int = 512, autocast=nullcontext()) -> dict:
     """Greedy accuracy (answer reward = 1) and format rate (strict format) on `rows`."""
@@ -471,7 +458,7 @@ def check_config(cfg: Config) -> None:
                  "beta", "weight_decay"):
         require(getattr(cfg, name) >= 0, f"{flag(name)} is {getattr(cfg, name)}; it must be >= 0.")
     require(cfg.kl_estimator != "k1", "--kl-estimator k1: as a loss its gradient is 0 in "
-            "expectation on policy, so it regularizes nothing. Use k3_ratio (the default), k3 or k2.")
+            "expectation on policy: it regularizes nothing. Use k3_ratio (the default), k3 or k2.")
     require(0 <= cfg.epsilon_low < 1 and cfg.epsilon_high >= 0, f"clip range [1 - "
             f"{cfg.epsilon_low}, 1 + {cfg.epsilon_high}]: use 0 <= epsilon-low < 1 <= 1 + high.")
     for name, choices in (("loss_type", (*LOSS_TYPES, "bnpo")), ("kl_estimator", KL_ESTIMATORS),
@@ -513,9 +500,8 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 def autocast_for(device: torch.device, precision: str):
-    """bf16 autocast over fp32 weights, or nothing (bf16 weights would lose AdamW's updates).
-    "auto" is bf16 on a GPU that computes in bf16 natively (compute capability 8.0 on: A100, L4,
-    RTX 30xx, H100), else fp32; not fp16 on a T4 or V100: Qwen2 models overflow in fp16."""
+    """bf16 autocast over fp32 weights (bf16 weights lose AdamW's updates), or nothing. "auto": bf16
+    on GPUs with native bf16 (A100, L4, RTX 30xx, H100), else fp32 (Qwen2 overflows in fp16)."""
     native = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
     if precision == "bf16" or (precision == "auto" and native):
         return torch.autocast(device.type, dtype=torch.bfloat16)
@@ -580,6 +566,11 @@ def load_model(name: str, device: torch.device, dtype=torch.float32,
     require(torch.allclose(ours, expected, atol=1e-4),  # the same products, up to rounding
             f"--model {name!r} transforms its logits after the output layer (soft-capping or "
             "scaling), which per_token_logps does not reproduce. Use another model.")
+    for module in model.modules():  # no dropout: training scores the policy that sampled (eval)
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        elif isinstance(getattr(module, "attention_dropout", None), float):  # Llama's, Qwen2's
+            module.attention_dropout = 0.0
     return model.to(device)
 
 def add_lora(model, cfg: Config, adapter_dir: Path | None = None):
@@ -610,16 +601,16 @@ def load_policy_and_reference(cfg: Config, device: torch.device,
         policy = add_lora(policy, cfg, checkpoint_dir)
     if cfg.beta > 0 and not cfg.lora_r:
         synced = checkpoint_dir is not None and cfg.ref_sync_every
-        # fp32 as the policy: with bf16 weights the step-0 KL under bf16 autocast is 1.4e-3 per
-        # token instead of 0 (SmolLM2-135M; bench/README.md), for half the reference's memory.
+        # fp32 as the policy: bf16 weights make the step-0 KL 1.4e-3, not 0 (bench/README.md)
         reference = load_model(str(checkpoint_dir / "reference" if synced else cfg.model), device,
                                trust_remote_code=remote).eval().requires_grad_(False)
-    if cfg.gradient_checkpointing:
+    checkpointed = [m for m in (policy, reference) if m is not None and cfg.gradient_checkpointing]
+    for model in checkpointed:  # the reference too: its passes then compute as the policy's
         kwargs = {"use_reentrant": False}
-        if hasattr(policy, "activation_checkpointing_enable"):  # the name since transformers 5.23
-            policy.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.23
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
-            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         if cfg.lora_r:  # frozen embeddings: give checkpointed layers an input with grad
             policy.enable_input_require_grads()
     return policy, reference
@@ -705,8 +696,8 @@ def stop_run(output_dir: Path, completed: int, reason: BaseException, *to_save) 
 # ---- Metrics, the silent failures, logs, plots, main --------------------------------------------
 PATIENCE, MOST, KL_LIMIT = 3, 0.5, 0.5  # steps in a row; a fraction of the batch; KL per token
 DIAGNOSTICS = {  # said once by log_step: name: (steps in a row, condition, what it means and to do)
-    "loss": (1, lambda m: True, "note: the loss sits near 0 by design (a group's advantages sum "
-             "to 0, the ratio starts at 1), but its gradient does not. Follow the rewards."),
+    "loss": (1, lambda m: True, "note: the loss is no score. At ratio 1 it is -Σ_i w_i Â_i + β KL: "
+             "~0 for grpo, a length-advantage correlation for dapo, dr_grpo. Follow the rewards."),
     "truncated": (PATIENCE, lambda m: m["completion/truncated_frac"] > MOST, "most completions "
                   "end unfinished: raise --max-completion-length, or check the end-of-reply ids."),
     "equal_rewards": (PATIENCE, lambda m: m["groups/zero_std_frac"] > MOST, "most groups have "
@@ -760,7 +751,7 @@ def log_step(output_dir: Path, step: int, metrics: dict, bar) -> None:
             bar.write(f"step {step}: {message}")
     append_jsonl(output_dir / "metrics.jsonl", [{"step": step, **metrics}])
     bar.set_postfix(reward=f"{metrics['reward/total']:.3f}", acc=f"{metrics['accuracy']:.2f}",
-                    kl=f"{metrics['kl']:.4f}")
+                    kl=f"{metrics['kl']:.4f}", refresh=False)  # drawn at the bar's own pace
 
 def log_samples(output_dir: Path, step: int, row: dict, texts: list[str], rewards) -> None:
     append_jsonl(output_dir / "samples.jsonl", [

@@ -8,8 +8,8 @@ the replies. grpo.py knows the task only through this file; to train on your own
                      built-in `arithmetic` task, which needs no download
   rows_for_step      the questions of one training step
 
-DeepSeekMath trains on rewards a program can check, with no learned reward model. Each reward
-here is a function `(completions, answers) -> list[float]`, one float per completion:
+The rewards are rules a program checks, as DeepSeek-R1's were (DeepSeekMath's RL scored with a
+learned reward model). Each is a function `(completions, answers) -> list[float]`, one per reply:
 
   format_reward   does the reply follow <reasoning>...</reasoning><answer>...</answer>?
   answer_reward   is the final answer numerically equal to the gold one?

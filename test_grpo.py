@@ -4,10 +4,12 @@ Tests for grpo.py and rewards.py: offline, on CPU, with tiny models built here.
 Run: python -m pytest -q test_grpo.py
 """
 
+import contextlib
 import json
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
 from dataclasses import fields, replace
@@ -1248,6 +1250,38 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_dir, tmp_pat
         torch.testing.assert_close(on[name], off[name], rtol=1e-5, atol=1e-7)
 
 
+@pytest.fixture(scope="session")
+def dropout_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny model with attention dropout 0.5 in its config (Llama's only dropout)."""
+    path = tmp_path_factory.mktemp("dropout")
+    shutil.copytree(tiny_model_dir, path, dirs_exist_ok=True)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "attention_dropout": 0.5}))
+    return path
+
+
+def test_a_model_with_dropout_is_scored_as_it_sampled(tiny_model_dir, dropout_model_dir, tmp_path):
+    """At step 1 the policy is the reference, so the KL is exactly 0 unless the training pass (train mode)
+    scores another policy than the reference's pass (eval mode): dropout left on in training does."""
+    cfg = tiny_config(tiny_model_dir, tmp_path, model=str(dropout_model_dir), max_steps=1, eval_size=0, beta=0.04)
+    grpo.train(cfg)
+    assert grpo.read_jsonl(Path(cfg.output_dir) / "metrics.jsonl")[0]["kl"] == 0.0
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_the_old_reference_and_training_passes_compute_alike(tiny_model_dir, tmp_path, monkeypatch, checkpointing):
+    """The shared prompt cache serves all three log-prob passes of a step, or none of them (under gradient
+    checkpointing transformers keeps no cache): computed in two ways, the step-0 KL and the first ratio are not
+    exactly 0 and 1 under bf16 on a real model (on this tiny one both ways round alike, hence the count)."""
+    calls = []
+    monkeypatch.setattr(grpo, "prompt_cache", lambda *args: calls.append(1) or prompt_cache(*args))
+    cfg = tiny_config(tiny_model_dir, tmp_path, prompts_per_step=1, max_steps=1, eval_size=0, beta=0.04, mu=2,
+                      gradient_checkpointing=checkpointing)  # P = 1: a micro-batch is one group
+    grpo.train(cfg)
+    passes = 1 + 1 + 2  # old policy, reference, mu = 2 training passes (one micro-batch each)
+    assert len(calls) == 1 + (0 if checkpointing else passes)  # 1: sampling
+
+
 def test_lora_without_peft_says_how_to_install_it(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "peft", None)  # import peft -> ImportError
     with pytest.raises(ConfigError, match="pip install peft"):
@@ -1407,9 +1441,38 @@ def test_trl_runner_refuses_what_trl_cannot_do_before_loading_a_model(tmp_path, 
         trl_grpo.main([*flags.split(), "--dataset", "arithmetic", "--output-dir", str(tmp_path / "run")])
 
 
-def test_trl_runner_trains_a_step_on_the_tiny_model_with_our_rewards(tiny_model_dir, tmp_path):
+def test_trl_runner_maps_use_vllm_to_colocated_vllm(tmp_path):
     pytest.importorskip("trl")
     trl_grpo = load_scale_module("scale/trl_grpo.py")
+    cfg = grpo.parse_args(["--output-dir", str(tmp_path / "run")])
+    config = trl_grpo.trl_config(cfg, use_vllm=True)
+    assert (config.use_vllm, config.vllm_mode) == (True, "colocate")
+    assert trl_grpo.trl_config(cfg).use_vllm is False
+
+
+def test_trl_runner_scores_with_our_rewards_on_the_answer_column():
+    trl_grpo = load_scale_module("scale/trl_grpo.py")
+    texts = ["<reasoning>2 + 2</reasoning>\n<answer>4</answer>", "<answer>5</answer>", "it is 4", "7"]
+    answers = ["4", "4", "4", "7"]
+    completions = [[{"role": "assistant", "content": t}] for t in texts]  # TRL passes chat messages
+    functions = trl_grpo.trl_reward_functions()
+    assert [f.__name__ for f in functions] == list(rewards.REWARD_FUNCTIONS)  # TRL logs them by name
+    for function, ours in zip(functions, rewards.REWARD_FUNCTIONS.values()):
+        scores = function(completions, answer=answers, prompt=["?"] * 4, question=["?"] * 4)
+        assert scores == ours(texts, answers)
+    assert functions[1](completions, answer=answers) == [1.0, 0.0, 1.0, 1.0]  # not all alike: the column matters
+
+
+def test_trl_runner_trains_a_step_on_the_tiny_model_with_our_rewards(tiny_model_dir, tmp_path, monkeypatch):
+    pytest.importorskip("trl")
+    trl_grpo = load_scale_module("scale/trl_grpo.py")
+
+    class GrpoPrecision(contextlib.nullcontext):  # what grpo.autocast_for returns, recognisable
+        pass
+    monkeypatch.setattr(grpo, "autocast_for", lambda device, precision: GrpoPrecision())
+    evaluated_under = []
+    evaluate = grpo.evaluate
+    monkeypatch.setattr(grpo, "evaluate", lambda *args: evaluated_under.append(args[-1]) or evaluate(*args))
     results = trl_grpo.main(["--model", str(tiny_model_dir), "--dataset", "arithmetic", "--max-steps", "2",
                              "--prompts-per-step", "2", "--num-generations", "4", "--micro-batch-size", "4",
                              "--max-completion-length", "8", "--eval-size", "4", "--eval-batch-size", "4",
@@ -1417,6 +1480,8 @@ def test_trl_runner_trains_a_step_on_the_tiny_model_with_our_rewards(tiny_model_
     steps = [log for log in results["log_history"] if "rewards/format/mean" in log]
     assert len(steps) == 2 and all("rewards/answer/mean" in log and "kl" in log for log in steps)
     assert set(results["before"]) == set(results["after"]) == {"accuracy", "format_rate", "n"}
+    assert len(evaluated_under) == 2 and all(isinstance(a, GrpoPrecision) for a in evaluated_under)  # as grpo.py
+    assert list((tmp_path / "run").glob("checkpoint-*"))  # --save-every 0: one checkpoint at the end, to resume
     assert (tmp_path / "run" / "model.safetensors").exists()
     assert json.loads((tmp_path / "run" / "results.json").read_text())["engine"] == "trl"
 
@@ -1511,3 +1576,160 @@ def test_logps_loss_and_gradient_agree_with_trl(trl_trainer, tiny_model_dir, los
     assert (our_gradient - their_gradient).norm() < 1e-5 * their_gradient.norm()
     _, other_gradient = our_loss_and_gradient("k3" if kl_estimator == "k3_ratio" else "k3_ratio")
     assert (other_gradient - their_gradient).norm() > 1e-4 * their_gradient.norm()  # 10x the tolerance
+
+
+# ---------------------------------------------------------------------------------------------
+# grpo_step wires each piece to the right data: each test below fails on one wiring bug named in its docstring.
+
+def one_step(cfg, rows, monkeypatch, steps=1):
+    """Run `steps` grpo_steps on the same rows; return every grpo_loss call's arguments and the last step's output."""
+    calls = []
+
+    def spy(logp, old_logp, ref_logp, advantages, mask, **settings):
+        calls.append(dict(logp=logp.detach().clone(), old_logp=old_logp.clone(), advantages=advantages.clone(),
+                          ref_logp=None if ref_logp is None else ref_logp.clone(), settings=settings))
+        return grpo_loss(logp, old_logp, ref_logp, advantages, mask, **settings)
+    monkeypatch.setattr(grpo, "grpo_loss", spy)
+    torch.manual_seed(cfg.seed)
+    policy, reference = grpo.load_policy_and_reference(cfg, torch.device("cpu"))
+    tokenizer = grpo.load_tokenizer(cfg.model)
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.learning_rate)
+    for _ in range(steps):
+        out = grpo.grpo_step(policy, reference, tokenizer, optimizer, rows, cfg)
+    return calls, out, policy
+
+
+def arithmetic_rows(n):
+    return rewards.load_dataset_rows("arithmetic", "train", arithmetic_max=20)[:n]
+
+
+def test_grpo_step_pairs_each_completion_with_its_questions_answer_and_groups_by_g(tiny_model_dir, tmp_path,
+                                                                                   monkeypatch):
+    """Bugs: answers repeated in the wrong order (answers * G), or groups of P instead of G. P = 3, G = 2: the
+    three answers differ, and P != G. The rewards are fixed so that grouping by 3 gives other advantages."""
+    rows = arithmetic_rows(3)
+    assert len({r["answer"] for r in rows}) == 3
+    seen = []
+    fixed = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0])  # groups of 2: (1, 0), (0, 0), (1, 1)
+    monkeypatch.setattr(grpo, "score_completions",
+                        lambda texts, answers, weights: seen.append(answers) or (fixed, {"format": fixed, "answer": fixed}))
+    cfg = tiny_config(tiny_model_dir, tmp_path, prompts_per_step=3, num_generations=2, micro_batch_size=6)
+    _, (_, _, _, advantages), _ = one_step(cfg, rows, monkeypatch)
+    assert seen == [[r["answer"] for r in rows for _ in range(2)]]  # completion i answers question i // G
+    torch.testing.assert_close(advantages, group_advantages(fixed, 2))
+    assert not torch.allclose(advantages, group_advantages(fixed, 3))  # grouping by P would differ
+
+
+def test_mu_passes_score_against_the_sampler_and_clip(tiny_model_dir, tmp_path, monkeypatch):
+    """Bugs: old log-probs from the reference, or taken after the first update, or not reused. At step 2 (the
+    reference is now behind the policy) the first of mu = 3 passes must see ratio 1 exactly, the others the
+    same old log-probs and a moved policy, with some tokens outside the clip range."""
+    cfg = tiny_config(tiny_model_dir, tmp_path, mu=3, learning_rate=3e-2, beta=0.04, micro_batch_size=8)
+    calls, (metrics, *_), _ = one_step(cfg, arithmetic_rows(2), monkeypatch, steps=2)
+    first, second, third = calls[3:]  # step 2's passes (one micro-batch each)
+    assert torch.equal(first["logp"], first["old_logp"])  # the sampler's log-probs: ratio 1 before any update
+    assert not torch.allclose(first["old_logp"], first["ref_logp"], atol=1e-3)  # ... not the reference's
+    assert torch.equal(second["old_logp"], first["old_logp"]) and torch.equal(third["old_logp"], first["old_logp"])
+    assert not torch.allclose(second["logp"], second["old_logp"], atol=1e-3)  # the policy moved
+    assert metrics["clip/low_frac"] + metrics["clip/high_frac"] > 0
+
+
+def test_lora_reference_is_the_base_model_in_grpo_step(tiny_model_dir, tmp_path, monkeypatch):
+    """Bug: grpo_step forgets disable_adapter, so the reference is the policy and the KL is 0 forever."""
+    lora = dict(lora_r=4, lora_alpha=8, lora_target_modules="q_proj,v_proj,down_proj")
+    cfg = tiny_config(tiny_model_dir, tmp_path, learning_rate=5e-2, beta=0.04, micro_batch_size=8, **lora)
+    calls, (metrics, rollout, *_), _ = one_step(cfg, arithmetic_rows(2), monkeypatch, steps=2)
+    last = calls[-1]
+    base = grpo.load_model(str(tiny_model_dir), torch.device("cpu")).eval()
+    input_ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], dim=1)
+    attention_mask = torch.cat([rollout.prompt_mask, rollout.completion_mask], dim=1)
+    with torch.no_grad():
+        base_logp = per_token_logps(base, input_ids, attention_mask, rollout.completion_ids.shape[1])
+    torch.testing.assert_close(last["ref_logp"], base_logp, atol=1e-5, rtol=0)  # float32, the same model
+    assert not torch.allclose(last["logp"], last["ref_logp"], atol=1e-3) and metrics["kl"] > 0
+
+
+@pytest.mark.parametrize("loss_type, kl_estimator, epsilon_low, epsilon_high, beta, temperature", [
+    ("dr_grpo", "k3", 0.1, 0.3, 0.02, 0.7), ("dapo", "k2", 0.25, 0.15, 0.1, 1.3)])
+def test_grpo_step_passes_every_setting_to_the_loss(tiny_model_dir, tmp_path, monkeypatch, loss_type,
+                                                    kl_estimator, epsilon_low, epsilon_high, beta, temperature):
+    """Bugs: a setting left at its default on the way to the loss (loss type, KL estimator, ε, β), Dr. GRPO
+    keeping the std, the log-probs taken at another temperature than the sampler's, another clipping norm."""
+    temperatures, norms = [], []
+    logps = grpo.per_token_logps
+    monkeypatch.setattr(grpo, "per_token_logps", lambda *a, **k: temperatures.append(a[4]) or logps(*a, **k))
+    clip = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, norm: norms.append(norm) or clip(params, norm))
+    sampled = []
+    generate = grpo.generate_completions
+    monkeypatch.setattr(grpo, "generate_completions", lambda *a: sampled.append(a[5]) or generate(*a))
+    cfg = tiny_config(tiny_model_dir, tmp_path, loss_type=loss_type, kl_estimator=kl_estimator, mu=2,
+                      epsilon_low=epsilon_low, epsilon_high=epsilon_high, beta=beta, temperature=temperature,
+                      max_grad_norm=0.3)
+    calls, (_, _, step_rewards, advantages), _ = one_step(cfg, arithmetic_rows(2), monkeypatch)
+    expected = dict(beta=beta, epsilon_low=epsilon_low, epsilon_high=epsilon_high, loss_type=loss_type,
+                    max_completion_length=cfg.max_completion_length, kl_estimator=kl_estimator)
+    assert all(c["settings"].items() >= expected.items() for c in calls)
+    assert sampled == [temperature] and set(temperatures) == {temperature} and norms == [0.3, 0.3]
+    scale = loss_type != "dr_grpo"
+    torch.testing.assert_close(advantages, group_advantages(step_rewards, cfg.num_generations, scale_by_std=scale))
+
+
+def test_asymmetric_clip_reference_value():
+    """Bug: ε_low and ε_high swapped in the clamp. Token 2 of completion 1 (ratio e^0.3, Â > 0) is cut at
+    1 + ε_high, token 2 of completion 2 (ratio e^-0.3, Â < 0) at 1 - ε_low; recomputed here in plain floats."""
+    import math
+    args = dict(TWO_COMPLETIONS, ref_logp=None)
+    low, high = 0.1, 0.3
+    loss, _ = grpo_loss(**args, beta=0.0, epsilon_low=low, epsilon_high=high, loss_type="grpo", max_completion_length=4)
+    per_sequence = []
+    for logp, old, mask, A in zip(args["logp"].tolist(), args["old_logp"].tolist(), args["mask"].tolist(),
+                                  args["advantages"].tolist()):
+        terms = [-min(math.exp(a - b) * A, min(max(math.exp(a - b), 1 - low), 1 + high) * A)
+                 for a, b, m in zip(logp, old, mask) if m]
+        per_sequence.append(sum(terms) / len(terms))
+    expected = sum(per_sequence) / 2
+    assert loss.item() == pytest.approx(expected, abs=1e-6)  # float32 against float64: ~1e-7
+    swapped, _ = grpo_loss(**args, beta=0.0, epsilon_low=high, epsilon_high=low, loss_type="grpo", max_completion_length=4)
+    assert abs(swapped.item() - expected) > 1e-3
+
+
+def test_evaluate_counts_right_answers_and_the_strict_format(monkeypatch):
+    """Bugs: evaluate's figures (only its keys were checked), a loose format counted as the strict one. Four
+    replies: right and formatted, right with one tag pair, wrong and formatted, nothing: 2/4 and 2/4."""
+    texts = ["<reasoning>1+1</reasoning>\n<answer>2</answer>", "<answer>3</answer>",  # loose: format 0.25, not 1
+             "<reasoning>x</reasoning>\n<answer>9</answer>", ""]
+    rows = [{"prompt": [], "answer": a} for a in ("2", "3", "4", "5")]
+    monkeypatch.setattr(grpo, "generate_completions", lambda model, tok, prompts, *a: grpo.Rollout(
+        None, None, None, None, None, texts[:len(prompts)]))
+    assert grpo.evaluate(None, None, rows, batch_size=4) == {"accuracy": 0.5, "format_rate": 0.5, "n": 4}
+
+
+class SilentBar:
+    def write(self, text):
+        pass
+
+    def set_postfix(self, **kwargs):
+        pass
+
+
+def test_a_diagnostic_needs_its_steps_in_a_row(tmp_path):
+    """Bug: `all` -> `any` over the last PATIENCE steps. Truncated on steps 1 and 3 but not 2: nothing said;
+    then on PATIENCE steps in a row: said, once."""
+    base = {"completion/truncated_frac": 0.0, "groups/zero_std_frac": 0.0, "reward/format": 0.5, "grad_norm": 1.0,
+            "kl": 0.0, "reward/total": 0.5, "accuracy": 0.5}
+    pattern = [1.0, 0.0, 1.0] + [1.0] * (grpo.PATIENCE - 1)  # in a row from step 3 on
+    for step, truncated in enumerate(pattern, 1):
+        grpo.log_step(tmp_path, step, {**base, "completion/truncated_frac": truncated}, SilentBar())
+    said = said_in(tmp_path)
+    assert said.get("truncated") == 2 + grpo.PATIENCE and list(said) == ["loss", "truncated"]
+
+
+def test_data_order_changes_with_the_epoch_and_the_seed():
+    """Bugs: no shuffle, an ignored seed, the same order every epoch (the other test checks one epoch's rows)."""
+    rows = [{"i": i} for i in range(12)]
+    order = lambda seed, epoch: [r["i"] for s in range(3 * epoch, 3 * epoch + 3)  # noqa: E731
+                                 for r in grpo.rows_for_step(rows, s, 4, seed)]
+    assert order(0, 0) != list(range(12))  # shuffled
+    assert sorted(order(0, 1)) == list(range(12)) and order(0, 1) != order(0, 0)  # a new order each epoch
+    assert order(1, 0) != order(0, 0)  # the seed matters
