@@ -248,7 +248,7 @@ def frozen_logps(model, input_ids, attention_mask, completion_length: int, cfg: 
                           for i in range(0, len(input_ids), mb)])  # [B, T]
 
 # ---- 5. The loss --------------------------------------------------------------------------------
-def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3",
+def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str,
                 old_logp: torch.Tensor | None = None) -> torch.Tensor:
     """Per-token estimate of KL(π_θ || π_ref), log_r = log π_ref - log π_θ (Schulman, "Approximating
     KL Divergence"): k1 = -log_r; k2 = log_r² / 2; k3 = e^log_r - log_r - 1 (the paper's eq. 4);

@@ -5,6 +5,7 @@ Run: python -m pytest -q test_grpo.py
 """
 
 import contextlib
+import io
 import json
 import os
 import random
@@ -87,6 +88,16 @@ def lively(tiny):
     return LlamaForCausalLM(config).eval(), tokenizer
 
 
+DRAW_CURVES = grpo.plot_curves
+
+
+@pytest.fixture(autouse=True)
+def no_png(monkeypatch):
+    """train() draws curves.png at the end; in-process runs skip the drawing (about 0.3 s each). The subprocess
+    run of test_end_to_end_then_resume and test_plot_curves_draws_a_png_from_the_metrics draw it."""
+    monkeypatch.setattr(grpo, "plot_curves", lambda *args: None)
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -101,7 +112,7 @@ def tiny_config(tiny_model_dir, tmp_path, **overrides) -> Config:
 
 
 # ---------------------------------------------------------------------------------------------
-# Reference values from GRPO.md (computed from the formulas by hand, copied here as literals).
+# Reference values, computed from the formulas by hand (see grpo_loss's docstring) and copied here as literals.
 # Tolerance 1e-5: the literals have 6 decimals; float32 arithmetic is exact to about 1e-7 here.
 
 
@@ -132,7 +143,7 @@ def test_kl_estimators_reference_values():
                                atol=1e-5, rtol=0)
     torch.testing.assert_close(kl_estimate(logp, log_r, "k1"), -log_r)
     torch.testing.assert_close(kl_estimate(logp, log_r, "k2"), 0.5 * log_r**2)
-    with pytest.raises(ValueError, match="unknown KL estimator"):
+    with pytest.raises(ValueError, match=re.escape("unknown KL estimator 'k4'; choose one of k1, k2, k3, k3_ratio")):
         kl_estimate(logp, log_r, "k4")
 
 
@@ -217,7 +228,7 @@ def test_grpo_loss_reference_values(loss_type, expected):
 
 
 def test_unknown_loss_type_raises():
-    with pytest.raises(ValueError, match="unknown loss_type"):
+    with pytest.raises(ValueError, match=re.escape("unknown loss_type 'ppo'; choose one of grpo, dapo, dr_grpo")):
         grpo_loss(**TWO_COMPLETIONS, beta=0.04, epsilon_low=0.2, epsilon_high=0.2, loss_type="ppo",
                   max_completion_length=4)
 
@@ -298,9 +309,9 @@ def test_gradient_does_not_depend_on_micro_batch_size(tiny, loss_type):
     full = gradient(B)
     assert full.abs().max() > 0
     for micro_batch_size in (1, 4):  # 4 does not divide B = 6: micro-batches of 4 and 2
-        # float32, summed in a different order: agreement to ~1e-6 of the gradient's scale
-        torch.testing.assert_close(gradient(micro_batch_size), full, rtol=1e-4,
-                                   atol=1e-6 * full.abs().max().item())
+        # float32, summed in a different order: seen within 2.1e-7 of the largest component; 1e-6 of it leaves
+        # room for other CPUs' kernels. A per-micro-batch denominator is off by a factor (4/6, 2/6, ...).
+        torch.testing.assert_close(gradient(micro_batch_size), full, rtol=0, atol=1e-6 * full.abs().max().item())
     model.zero_grad()
 
 
@@ -385,7 +396,9 @@ def test_generate_completions_one_batch(tiny):
     eos = tokenizer.eos_token_id
     has_eos = (rollout.completion_ids == eos).any(dim=1)
     assert torch.equal(rollout.truncated, ~has_eos)
-    torch.testing.assert_close(rollout.completion_mask, completion_mask(rollout.completion_ids, [eos]))
+    for ids, mask in zip(rollout.completion_ids.tolist(), rollout.completion_mask.tolist()):  # counted by hand
+        length = ids.index(eos) + 1 if eos in ids else len(ids)  # up to and including the first end-of-reply id
+        assert mask == [1] * length + [0] * (len(ids) - length)
     greedy = [generate_completions(model, tokenizer, prompts[:1], 2, 6, temperature=0.0).texts for _ in range(2)]
     assert greedy[0][0] == greedy[0][1] == greedy[1][0]
 
@@ -578,14 +591,21 @@ ADVERSARIAL = {
 
 @pytest.mark.parametrize("name", ADVERSARIAL)
 def test_rewards_take_linear_time_on_adversarial_text(name):
+    """Linear time: 4x the text takes about 4x as long; the backtracking these texts once caused grows with the
+    square (16x, and seconds on 1 MB). The bound, 8x, lies between, and compares two timings taken on the same
+    machine at the same moment, so a busy machine slows both (seen here: at most 17 ms for 1 MB, under load).
+    Under 20 ms for 4 MB, a ratio is only timer noise: fast enough either way."""
     import time
-    text = ADVERSARIAL[name]
-    best = float("inf")  # the best of 3: a busy machine slows a run, it never speeds one up
-    for _ in range(3):
-        start = time.perf_counter()
-        format_reward([text]), answer_reward([text], ["1"])
-        best = min(best, time.perf_counter() - start)
-    assert best < 0.05, f"{name}: {best * 1000:.0f} ms on 1 MB"
+
+    def best_of_3(text):  # a busy machine slows a run, it never speeds one up
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            format_reward([text]), answer_reward([text], ["1"])
+            times.append(time.perf_counter() - start)
+        return min(times)
+    one, four = best_of_3(ADVERSARIAL[name]), best_of_3(ADVERSARIAL[name] * 4)
+    assert four < 8 * one or four < 0.02, f"{name}: {one * 1000:.1f} ms on 1 MB, {four * 1000:.1f} ms on 4 MB"
 
 
 def test_rewards_never_raise_and_stay_in_range_on_any_text():
@@ -604,11 +624,12 @@ def test_rewards_never_raise_and_stay_in_range_on_any_text():
 
 
 def test_score_completions_weights_and_components():
-    total, parts = grpo.score_completions(["<reasoning>a</reasoning><answer>3</answer>", "3"], ["3", "4"],
-                                          {"format": 0.5, "answer": 1.0})
-    torch.testing.assert_close(parts["format"], torch.tensor([1.0, 0.0]))
-    torch.testing.assert_close(parts["answer"], torch.tensor([1.0, 0.0]))
-    torch.testing.assert_close(total, torch.tensor([1.5, 0.0]))
+    # format and answer differ in each row, so swapped weights would give other totals
+    total, parts = grpo.score_completions(["<reasoning>a</reasoning><answer>3</answer>", "4", ""], ["4", "4", "4"],
+                                          {"format": 0.5, "answer": 2.0})
+    torch.testing.assert_close(parts["format"], torch.tensor([1.0, 0.0, 0.0]))
+    torch.testing.assert_close(parts["answer"], torch.tensor([0.0, 1.0, 0.0]))
+    torch.testing.assert_close(total, torch.tensor([0.5, 2.0, 0.0]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -686,13 +707,27 @@ def test_data_order_is_a_seeded_shuffle_per_epoch():
 
 
 def run_cli(*args, cwd=HERE, timeout=300):
+    """`python grpo.py ARGS` in a fresh process: the real command line, as a user runs it (a few seconds)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     return subprocess.run([sys.executable, str(HERE / "grpo.py"), *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 
+def run_main(*args):
+    """grpo.main(ARGS) in this process, as run_cli reports it: what `python grpo.py ARGS` does past its imports
+    (sys.exit(message) prints the message to stderr and exits with 1)."""
+    stdout, stderr = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            grpo.main(list(args))
+        except SystemExit as stop:
+            code = stop.code if isinstance(stop.code, int) else (print(stop.code, file=sys.stderr) or 1)
+    return subprocess.CompletedProcess(args, code, stdout.getvalue(), stderr.getvalue())
+
+
 def test_help_lists_every_config_field():
-    result = run_cli("--help")
+    result = run_main("--help")
     assert result.returncode == 0
     for f in fields(Config):
         assert "--" + f.name.replace("_", "-") in result.stdout
@@ -719,17 +754,28 @@ def test_end_to_end_then_resume(tiny_model_dir, tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert set(results["before"]) == {"accuracy", "format_rate", "n"} and results["after"]["n"] == 4
 
-    again = run_cli(*common, "--max-steps", "2")  # a second run into the same folder would mix two runs
+    again = run_main(*common, "--max-steps", "2")  # a second run into the same folder would mix two runs
     assert again.returncode != 0 and "already holds a run" in again.stderr
 
-    resumed = run_cli(*common, "--max-steps", "3", "--resume")
+    resumed = run_main(*common, "--max-steps", "3", "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from" in resumed.stdout
     assert [m["step"] for m in grpo.read_jsonl(out / "metrics.jsonl")] == [1, 2, 3]
     assert (out / "checkpoint-3").exists() and not (out / "checkpoint-2").exists()
     assert json.loads((out / "results.json").read_text())["before"] == results["before"]
-    done = run_cli(*common, "--max-steps", "3", "--resume")
+    done = run_main(*common, "--max-steps", "3", "--resume")
     assert done.returncode != 0 and "already at step 3; pass a larger --max-steps" in done.stderr
+
+
+def test_plot_curves_draws_a_png_from_the_metrics(tmp_path):
+    records = [{"step": i, "reward/total": 0.1 * i, "accuracy": 0.05 * i, "format_rate": 0.1 * i, "kl": 0.01 * i,
+                "completion/len_mean": 10 + i} for i in range(1, 6)]
+    write_jsonl(tmp_path / "metrics.jsonl", records)
+    DRAW_CURVES(tmp_path / "metrics.jsonl", tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (tmp_path / "empty.jsonl").write_text("")
+    DRAW_CURVES(tmp_path / "empty.jsonl", tmp_path / "nothing.png")  # no steps yet: no picture
+    assert not (tmp_path / "nothing.png").exists()
 
 
 @pytest.mark.parametrize("loss_type", grpo.LOSS_TYPES)
@@ -746,7 +792,8 @@ def test_a_micro_batch_size_that_does_not_divide_the_batch_gives_the_same_step(t
         runs.append(grpo.read_jsonl(Path(cfg.output_dir) / "metrics.jsonl")[0])
     whole, split = runs
     assert whole["grad_norm"] > 0 and whole["reward/total"] == split["reward/total"]  # same samples
-    # float32 sums in another order (mu = 2: the second pass also sees a moved policy): ~1e-6
+    # float32 sums in another order, and mu = 2: the second pass sees a policy moved by the first. Seen: relative
+    # differences up to 6e-6 (the KL); rel 1e-4 leaves room, while a per-micro-batch total is off by 3/8 or more.
     for key in ("grad_norm", "loss", "kl", "ratio_mean"):
         assert split[key] == pytest.approx(whole[key], rel=1e-4, abs=1e-6), key
 
@@ -777,9 +824,10 @@ def test_resume_continues_the_same_run(tiny_model_dir, tmp_path):
     grpo.train(stopped)
     grpo.train(replace(stopped, max_steps=3, resume=True))
     a, b = (grpo.read_jsonl(Path(cfg.output_dir) / "metrics.jsonl") for cfg in (straight, stopped))
-    # same data, same sampling (RNG restored), same weights and optimizer state
-    assert a[2]["reward/total"] == b[2]["reward/total"]
-    assert a[2]["grad_norm"] == pytest.approx(b[2]["grad_norm"], rel=1e-5)
+    # Same data, sampling (RNG restored), weights and optimizer state, the same float32 operations on the same CPU
+    # kernels in one process: equal, not only close (as the Ctrl-C grid checks). Times and memory vary.
+    drop = lambda m: {k: v for k, v in m.items() if not k.startswith(("time/", "memory/"))}  # noqa: E731
+    assert drop(a[2]) == drop(b[2])
 
 
 def test_resume_refuses_other_settings_but_takes_a_new_learning_rate(tiny_model_dir, tmp_path):
@@ -863,12 +911,12 @@ def test_a_device_this_machine_lacks_is_rejected_at_once(tiny_model_dir, tmp_pat
 def test_unloadable_model_and_bad_data_fail_with_a_clear_message(tmp_path):
     not_a_model = tmp_path / "not_a_model"
     not_a_model.mkdir()
-    result = run_cli("--model", str(not_a_model), "--dataset", "arithmetic", "--output-dir", str(tmp_path / "o"))
+    result = run_main("--model", str(not_a_model), "--dataset", "arithmetic", "--output-dir", str(tmp_path / "o"))
     assert result.returncode != 0 and "cannot be loaded" in result.stderr and "Traceback" not in result.stderr
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"q": "?", "a": "1"}])
-    result = run_cli("--model", str(not_a_model), "--dataset", str(bad), "--output-dir", str(tmp_path / "o"))
+    result = run_main("--model", str(not_a_model), "--dataset", str(bad), "--output-dir", str(tmp_path / "o"))
     assert "lacks the key(s) ['answer', 'question']" in result.stderr  # data is checked before the model loads
-    result = run_cli("--num-generations", "1")
+    result = run_main("--num-generations", "1")
     assert result.returncode != 0 and "--num-generations is 1" in result.stderr
 
 
@@ -1046,16 +1094,29 @@ CTRL_C_POINTS = {"sampling": "generate_completions", "scoring": "score_completio
                  "right after the update": "step_metrics", "logging": "log_step"}
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_model_dir, tmp_path_factory):
+    """The runs of 2 and 3 steps that the Ctrl-C grid compares with, each trained once per mu."""
+    done = {}
+
+    def runs(cfg):
+        if cfg.mu not in done:
+            base = tmp_path_factory.mktemp(f"uninterrupted-mu{cfg.mu}")
+            done[cfg.mu] = [replace(cfg, output_dir=str(base / f"straight-{n}"), max_steps=n) for n in (2, 3)]
+            for run in done[cfg.mu]:
+                grpo.train(run)
+        return done[cfg.mu]
+    return runs
+
+
 @pytest.mark.parametrize("mu", [1, 2])
 @pytest.mark.parametrize("point", CTRL_C_POINTS)
 def test_ctrl_c_anywhere_in_a_step_saves_whole_steps_and_resumes_the_same_run(tiny_model_dir, tmp_path, monkeypatch,
-                                                                              point, mu):
+                                                                              uninterrupted, point, mu):
     import signal
     from safetensors.torch import load_file
     cfg = tiny_config(tiny_model_dir, tmp_path, max_steps=3, save_every=0, eval_size=0, mu=mu)
-    straight = [replace(cfg, output_dir=str(tmp_path / f"straight-{n}"), max_steps=n) for n in (2, 3)]
-    for run in straight:
-        grpo.train(run)
+    straight = uninterrupted(cfg)
     name = CTRL_C_POINTS[point]
     calls_per_step = 2 if name == "frozen_logps" and mu > 1 else 1  # old policy and reference
     real, calls, call = getattr(grpo, name), [], calls_per_step + 1  # the first call of step 2
@@ -1126,7 +1187,7 @@ def test_bnpo_is_dapos_former_name_and_still_works(tmp_path):
     settings = dict(beta=0.04, epsilon_low=0.2, epsilon_high=0.2, max_completion_length=4)
     bnpo, _ = grpo_loss(**TWO_COMPLETIONS, loss_type="bnpo", **settings)
     dapo, _ = grpo_loss(**TWO_COMPLETIONS, loss_type="dapo", **settings)
-    assert bnpo.item() == dapo.item() == pytest.approx(-0.311043, abs=1e-5)  # GRPO.md's token-mean value
+    assert bnpo.item() == dapo.item() == pytest.approx(-0.311043, abs=1e-5)  # the token-mean reference value above
 
 
 @pytest.mark.filterwarnings("ignore:CUDA is not available")  # torch.autocast("cuda") on a machine without one
@@ -1341,6 +1402,9 @@ def test_reference_sync_copies_the_policy_and_is_checkpointed(tiny_model_dir, tm
     assert any(not torch.equal(policy[k], initial[k]) for k in policy)  # the policy moved...
     assert all(torch.equal(policy[k], reference[k]) for k in policy)  # ...and the reference followed at step 2
     grpo.train(replace(cfg, resume=True))  # resuming loads that reference back
+    # Step 3 starts from the policy that the reference copied at step 2: its KL is exactly 0. A resume that
+    # loaded the initial model as the reference instead would see the policy's two steps of drift.
+    assert grpo.read_jsonl(Path(cfg.output_dir) / "metrics.jsonl")[2]["kl"] == 0.0
 
 
 # ---------------------------------------------------------------------------------------------

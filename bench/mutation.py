@@ -1,0 +1,92 @@
+"""
+Mutation testing of the suite: mutmut changes one thing at a time in grpo.py's formulas (Part 1's
+functions of tensors) and in rewards.py, and runs the tests that reach it; a mutant that no test
+fails on "survives". Too slow for CI; run it by hand (pip install mutmut):
+
+    python bench/mutation.py --out /tmp/mutation            # the whole run
+    python bench/mutation.py --out /tmp/mutation --functions group_advantages,kl_estimate
+
+It works on a copy in --out: the files the tests need, a pyproject.toml with mutmut's settings,
+and "# pragma: no mutate" around every grpo.py function that is not one of FORMULAS (the loop,
+loading, logging: their behaviour is tested end to end, not formula by formula). The tests run
+are test_grpo.py without the notebook and the TRL and verl runners (they reach the formulas only
+through train(), which other tests run). Prints killed / total per function, and each survivor's
+diff.
+"""
+
+import argparse
+import ast
+import json
+import re
+import shutil
+import subprocess
+import sys
+from collections import Counter, defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+FORMULAS = ("sample_tokens", "completion_mask", "score_completions", "group_advantages", "per_token_logps",
+            "kl_estimate", "grpo_loss")
+TESTS = "not notebook and not trl_runner and not verl and not agree_with_trl"
+KILLED = {1, 3, 36, 24, -24, 152, 255}  # mutmut's codes for a failing test, or a timeout
+MUTMUT = str(Path(sys.executable).with_name("mutmut"))
+
+
+def copy_project(out: Path, functions: tuple[str, ...], tests: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("grpo.py", "rewards.py", "test_grpo.py"):
+        shutil.copy(ROOT / name, out / name)
+    shutil.copytree(ROOT / "scale", out / "scale", dirs_exist_ok=True)
+    source = (ROOT / "grpo.py").read_text().splitlines()
+    frozen = [node for node in ast.parse("\n".join(source)).body
+              if isinstance(node, ast.FunctionDef) and node.name not in functions]
+    for node in sorted(frozen, key=lambda n: n.lineno, reverse=True):  # from the end: line numbers hold
+        first = min([node.lineno] + [d.lineno for d in node.decorator_list]) - 1
+        source[node.end_lineno:node.end_lineno] = ["# pragma: no mutate end"]
+        source[first:first] = ["# pragma: no mutate start"]
+    (out / "grpo.py").write_text("\n".join(source) + "\n")
+    (out / "pyproject.toml").write_text(
+        '[tool.mutmut]\nsource_paths = ["grpo.py", "rewards.py"]\n'
+        'pytest_add_cli_args_test_selection = ["test_grpo.py"]\n'
+        f'pytest_add_cli_args = ["-p", "no:cacheprovider", "-k", "{tests}"]\n'
+        'also_copy = ["scale"]\n')
+
+
+def report(out: Path) -> dict:
+    by_function = defaultdict(Counter)
+    survivors = []
+    for meta in sorted((out / "mutants").glob("*.py.meta")):
+        for mutant, code in json.loads(meta.read_text())["exit_code_by_key"].items():
+            function = re.sub(r"__mutmut_\d+$", "", mutant.split(".", 1)[1]).removeprefix("x_")
+            status = "killed" if code in KILLED else "survived" if code == 0 else f"exit {code}"
+            by_function[f"{meta.name.removesuffix('.py.meta')}.{function}"][status] += 1
+            if status != "killed":
+                survivors.append((mutant, status))
+    print(f"\n| function | killed / mutants | score |\n|---|---|---|")
+    for function, counts in sorted(by_function.items()):
+        total = sum(counts.values())
+        print(f"| `{function}` | {counts['killed']} / {total} | {100 * counts['killed'] / total:.0f}% |")
+    for mutant, status in survivors:
+        diff = subprocess.run([MUTMUT, "show", mutant], cwd=out, capture_output=True, text=True).stdout
+        print(f"\n{mutant} ({status}):\n" + "\n".join(line for line in diff.splitlines()
+                                                     if line.startswith(("+", "-")) and line[1:2] != line[:1]))
+    return {f: dict(c) for f, c in by_function.items()}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="a folder for the copy and mutmut's state")
+    parser.add_argument("--functions", default=",".join(FORMULAS), help="grpo.py functions to mutate")
+    parser.add_argument("--tests", default=TESTS, help="the tests to run (a pytest -k expression)")
+    parser.add_argument("--report-only", action="store_true", help="read a finished run in --out")
+    args = parser.parse_args()
+    out = Path(args.out)
+    if not args.report_only:
+        shutil.rmtree(out, ignore_errors=True)
+        copy_project(out, tuple(args.functions.split(",")), args.tests)
+        subprocess.run([MUTMUT, "run", "--max-children", "2"], cwd=out, check=False)
+    (out / "scores.json").write_text(json.dumps(report(out), indent=2))
+
+
+if __name__ == "__main__":
+    main()
