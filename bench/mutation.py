@@ -62,7 +62,7 @@ def report(out: Path) -> dict:
             by_function[f"{meta.name.removesuffix('.py.meta')}.{function}"][status] += 1
             if status != "killed":
                 survivors.append((mutant, status))
-    print(f"\n| function | killed / mutants | score |\n|---|---|---|")
+    print("\n| function | killed / mutants | score |\n|---|---|---|")
     for function, counts in sorted(by_function.items()):
         total = sum(counts.values())
         print(f"| `{function}` | {counts['killed']} / {total} | {100 * counts['killed'] / total:.0f}% |")
