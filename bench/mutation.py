@@ -64,7 +64,7 @@ def report(out: Path) -> dict:
             function = re.sub(r"__mutmut_\d+$", "", mutant.split(".", 1)[1]).removeprefix("x_")
             status = "killed" if code in KILLED else "survived" if code == 0 else f"exit {code}"
             by_function[f"{meta.name.removesuffix('.py.meta')}.{function}"][status] += 1
-            if status != "killed":
+            if status == "survived":
                 survivors.append((mutant, status))
     print("\n| function | killed / mutants | score |\n|---|---|---|")
     for function, counts in sorted(by_function.items()):
