@@ -64,7 +64,7 @@ class Config:
     max_completion_length: int = 512  # new tokens per completion; one cut here is truncated
     temperature: float = 1.0  # sampling temperature; log-probs are computed at the same one
     beta: float = 0.04  # KL coefficient; 0 loads no reference model at all
-    kl_estimator: str = "k3_ratio"  # KL term: k3_ratio (ρ·k3, the true gradient), k3 (paper's), k2
+    kl_estimator: str = "k3_ratio"  # KL term: k3_ratio (ratio x k3: the true gradient), k3, k2
     epsilon_low: float = 0.2  # ratio clip below: 1 - epsilon_low
     epsilon_high: float = 0.2  # ratio clip above: 1 + epsilon_high
     mu: int = 1  # optimizer steps per generated batch (the paper's μ)
@@ -250,10 +250,10 @@ def frozen_logps(model, input_ids, attention_mask, completion_length: int, cfg: 
 # ---- 5. The loss --------------------------------------------------------------------------------
 def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str,
                 old_logp: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-token estimate of KL(π_θ || π_ref), log_r = log π_ref - log π_θ (Schulman, "Approximating
-    KL Divergence"): k1 = -log_r; k2 = log_r² / 2; k3 = e^log_r - log_r - 1 (the paper's eq. 4);
-    k3_ratio = ρ k3. As a loss on samples of π_θ_old only k3_ratio's gradient is ∇KL(π_θ || π_ref)
-    on and off policy; on policy, k1's is 0, k2's ∇KL(π_θ || π_ref), k3's ∇KL(π_ref || π_θ)."""
+    """Per-token estimate of KL(π_θ || π_ref), log_r = log π_ref - log π_θ (Schulman's k1-3):
+    k1 = -log_r; k2 = log_r² / 2; k3 = e^log_r - log_r - 1 (paper's eq. 4); k3_ratio = ρ k3.
+    As a loss on samples of π_old only k3_ratio's gradient is ∇KL(π_θ || π_ref) on and off
+    policy; on policy, k1's is 0, k2's ∇KL(π_θ || π_ref), k3's ∇KL(π_ref || π_θ)."""
     if kind not in KL_ESTIMATORS:
         raise ValueError(f"unknown KL estimator {kind!r}; choose one of {', '.join(KL_ESTIMATORS)}")
     log_r = ref_logp - logp  # [B, T]
@@ -267,8 +267,8 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, beta: float, epsilo
               num_tokens: int | None = None):
     """The negated GRPO objective, and its diagnostics. Per token,
         X_it = -min(ρ_it Â_i, clip(ρ_it, 1 - ε_low, 1 + ε_high) Â_i) + β KL_it, then
-    grpo: 1/B Σ_i 1/|o_i| Σ_t X_it (the paper); dapo: Σ_it X_it / Σ_i |o_i|; dr_grpo: Σ_it X_it /
-    (B * max_completion_length). B and Σ|o_i| are the whole batch's: micro-batches add up."""
+    grpo: 1/B Σ_i 1/|o_i| Σ_t X_it (the paper); dapo: Σ_it X_it / Σ_i |o_i|; dr_grpo:
+    Σ_it X_it / (B * max_completion_length). B, Σ|o_i|: the whole batch's (micro-batches sum)."""
     mask = mask.float()  # [B, T]
     ratio = torch.exp(logp - old_logp)  # [B, T]
     A = advantages[:, None]  # [B, 1]
@@ -277,8 +277,7 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, beta: float, epsilo
     kl = kl_estimate(logp, ref_logp, kl_estimator, old_logp) if ref_logp is not None else None
     if kl is not None and beta != 0:
         per_token = per_token + beta * kl  # plus: the KL is a penalty on the objective
-    num_sequences = num_sequences or logp.shape[0]
-    num_tokens = num_tokens or mask.sum()
+    num_sequences, num_tokens = num_sequences or logp.shape[0], num_tokens or mask.sum()
     if loss_type == "grpo":
         per_sequence = (per_token * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)  # [B]
         loss = per_sequence.sum() / num_sequences
@@ -696,8 +695,9 @@ def stop_run(output_dir: Path, completed: int, reason: BaseException, *to_save) 
 # ---- Metrics, the silent failures, logs, plots, main --------------------------------------------
 PATIENCE, MOST, KL_LIMIT = 3, 0.5, 0.5  # steps in a row; a fraction of the batch; KL per token
 DIAGNOSTICS = {  # said once by log_step: name: (steps in a row, condition, what it means and to do)
-    "loss": (1, lambda m: True, "note: the loss is no score. At ratio 1 it is -Σ_i w_i Â_i + β KL: "
-             "~0 for grpo, a length-advantage correlation for dapo, dr_grpo. Follow the rewards."),
+    "loss": (1, lambda m: True, "note: the loss is no score. At ratio 1 it is -Σ_i w_i Â_i "
+             "+ β KL: ~0 for grpo, a length-advantage correlation for dapo, dr_grpo. "
+             "Follow the rewards."),
     "truncated": (PATIENCE, lambda m: m["completion/truncated_frac"] > MOST, "most completions "
                   "end unfinished: raise --max-completion-length, or check the end-of-reply ids."),
     "equal_rewards": (PATIENCE, lambda m: m["groups/zero_std_frac"] > MOST, "most groups have "
