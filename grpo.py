@@ -32,6 +32,7 @@ Shapes: B = P*G completions, Tp prompt and T completion tokens, H hidden size, V
 """
 
 import argparse
+import functools
 import inspect
 import json
 import re
@@ -46,13 +47,12 @@ from pathlib import Path
 import torch
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, StaticCache
 
-from rewards import (REWARD_FUNCTIONS, ConfigError, format_reward, load_dataset_rows, make_prompt,
-                     rows_for_step)
+from rewards import (REWARD_FUNCTIONS, ConfigError, check_chat_template, format_reward,
+                     load_dataset_rows, rows_for_step)
 
 # ==== Part 1: GRPO ================================================================================
-
 LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # Qwen2.5's, Llama's
 
 @dataclass
@@ -89,12 +89,11 @@ class Config:
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory
     precision: str = "auto"  # fp32, or bf16 autocast over fp32 weights; auto: bf16 on GPUs with it
     logp_chunk_size: int = 1024  # tokens per chunk of the vocabulary projection (log-probs)
+    compile: bool = False  # compile the decoding step (torch.compile; CUDA graphs on CUDA)
     device: str = "auto"  # cuda, mps or cpu; auto picks the first available
     seed: int = 0  # seed for data order, sampling and the arithmetic task
-    # LoRA (pip install peft)
-    lora_r: int = 0  # LoRA rank; 0 = full fine-tuning
+    lora_r: int = 0  # LoRA rank (pip install peft); 0 = full fine-tuning
     lora_alpha: int = 32  # LoRA scaling numerator (scale = alpha / r)
-    lora_dropout: float = 0.0  # LoRA dropout (0: the sampler and the learner are one policy)
     lora_target_modules: str = LORA_TARGETS  # comma-separated names of the layers to adapt
     # Evaluation, logs, checkpoints
     eval_size: int = 200  # held-out questions scored greedily before and after training; 0 skips
@@ -117,7 +116,7 @@ class Rollout:
 @torch.no_grad()
 def generate_completions(model, tokenizer, prompts: list[list[dict]], num_generations: int,
                          max_completion_length: int, temperature: float,
-                         autocast=nullcontext()) -> Rollout:
+                         autocast=nullcontext(), compiled: bool = False) -> Rollout:
     """Sample `num_generations` completions of each prompt, one token at a time, from
     softmax(logits / temperature) and nothing else; temperature 0 is greedy (for evaluation)."""
     device = next(model.parameters()).device
@@ -130,19 +129,21 @@ def generate_completions(model, tokenizer, prompts: list[list[dict]], num_genera
     eos_ids = model.generation_config.eos_token_id  # a chat model may have several (Qwen2.5: 2)
     eos_ids = [*(eos_ids if isinstance(eos_ids, list) else [eos_ids]), tokenizer.eos_token_id]
     eos_ids = torch.tensor(sorted({i for i in eos_ids if i is not None}), device=device)
-    (B, Tp), T = prompt_ids.shape, max_completion_length
+    B, T = len(prompt_ids), max_completion_length
     completion_ids = prompt_ids.new_full((B, T), tokenizer.pad_token_id)  # [B, T]
     attention_mask = torch.cat([prompt_mask, prompt_mask.new_ones(B, T)], dim=1)  # [B, Tp + T]
     position = prompt_mask.sum(dim=1, keepdim=True) - 1  # [B, 1] of each prompt's last token
-    token = prompt_ids[:, -1]  # [B] the prompt's last token predicts the first new one
+    token = prompt_ids[:, -1].contiguous()  # [B] the prompt's last token predicts the first new one
     done = torch.zeros(B, dtype=torch.bool, device=device)  # [B] has drawn an end-of-reply id
     model.eval()  # no dropout while sampling
     with autocast:
         cache = prompt_cache(model, encoded.input_ids, encoded.attention_mask, num_generations)
+        decoder = model.get_decoder()
+        if compiled:  # the same shapes at every step of every batch: compiled once (Part 2)
+            cache, attention_mask, decoder = compiled_decoding(model, cache, attention_mask)
         for t in range(T):
-            hidden = model.get_decoder()(input_ids=token[:, None], past_key_values=cache,
-                                         attention_mask=attention_mask[:, :Tp + t],
-                                         position_ids=position + t).last_hidden_state
+            hidden = decoder(input_ids=token[:, None], cache=cache, attention_mask=attention_mask,
+                             position_ids=position + t).last_hidden_state  # [B, 1, H]
             logits = model.get_output_embeddings()(hidden[:, -1]).float()  # [B, V]
             token = sample_tokens(logits, temperature).masked_fill(done, tokenizer.pad_token_id)
             completion_ids[:, t] = token
@@ -160,8 +161,10 @@ def sample_tokens(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     per row, not one per vocabulary entry. Temperature 0: the most likely token."""
     if temperature == 0:
         return logits.argmax(dim=-1)  # [B]
-    # float64: a float32 running sum over 150k probabilities drifts by more than the small ones
-    cdf = torch.softmax(logits / temperature, dim=-1).double().cumsum(dim=-1)  # [B, V]
+    probs = torch.softmax(logits / temperature, dim=-1)  # [B, V]
+    if probs.device.type in NO_FLOAT64:  # MPS: torch's own draw, exact in float32
+        return torch.multinomial(probs, 1).squeeze(-1)
+    cdf = probs.double().cumsum(dim=-1)  # [B, V]; in float32 a sum of 150k would drift too far
     u = torch.rand(len(cdf), 1, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]  # [B, 1]
     return torch.searchsorted(cdf, u, right=True).squeeze(-1)  # [B] first index with cdf > u
 
@@ -170,7 +173,7 @@ def prompt_cache(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, rep
     completions. The pass that takes the cache feeds the last token: it predicts the first one."""
     position_ids = (prompt_mask.cumsum(dim=1) - 1).clamp(min=0)  # left padding: real tokens only
     cache = model.get_decoder()(input_ids=prompt_ids[:, :-1], attention_mask=prompt_mask[:, :-1],
-                                position_ids=position_ids[:, :-1], use_cache=True).past_key_values
+                                position_ids=position_ids[:, :-1], use_cache=True).cache
     cache.batch_repeat_interleave(repeats)  # row i of the cache is prompt i // repeats
     return cache
 
@@ -212,23 +215,20 @@ def per_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     input_ids, attention_mask = input_ids[:, first:], attention_mask[:, first:]  # [B, Tp + T]
     position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # as generate() numbered them
     Tp = input_ids.shape[1] - T
-    # One group (the same prompt in every row): the prompt runs once, its cache serves all rows;
-    # under gradient checkpointing (no cache there) none of a step's passes does so: all alike.
-    one_prompt = (len(input_ids) > 1 and Tp > 1
-                  and bool((input_ids[:, :Tp] == input_ids[:1, :Tp]).all())
-                  and bool((attention_mask[:, :Tp] == attention_mask[:1, :Tp]).all()))
+    # One group: its prompt runs once for all rows (not under checkpointing: all passes alike)
+    prompts = torch.stack([input_ids[:, :Tp], attention_mask[:, :Tp]])  # [2, B, Tp]
+    one_prompt = len(input_ids) > 1 and Tp > 1 and bool((prompts == prompts[:, :1]).all())
     checkpointing = any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
     start, cache = 0, None
     if one_prompt and not checkpointing:
         start = Tp - 1  # the pass below starts at the prompt's last token
         cache = prompt_cache(model, input_ids[:1, :Tp], attention_mask[:1, :Tp], len(input_ids))
     hidden = model.get_decoder()(input_ids=input_ids[:, start:], attention_mask=attention_mask,
-                                 position_ids=position_ids[:, start:], past_key_values=cache,
+                                 position_ids=position_ids[:, start:], cache=cache,
                                  use_cache=cache is not None).last_hidden_state  # [B, *, H]
     hidden = hidden[:, -T - 1:-1].reshape(-1, hidden.shape[-1])  # [B*T, H]: t predicts t + 1
     targets = input_ids[:, -T:]  # [B, T]
     lm_head = model.get_output_embeddings()
-
     def chunk_logps(h, y):  # [N, H], [N] -> [N]
         logits = lm_head(h).float() / temperature  # [N, V]
         return logits.gather(-1, y[:, None]).squeeze(-1) - logits.logsumexp(dim=-1)
@@ -287,7 +287,6 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, beta: float, epsilo
         loss = (per_token * mask).sum() / (num_sequences * max_completion_length)
     else:
         raise ValueError(f"unknown loss_type {loss_type!r}; choose one of {', '.join(LOSS_TYPES)}")
-
     def token_mean(x):
         return ((x.float() * mask).sum() / mask.sum().clamp(min=1)).item()
     with torch.no_grad():
@@ -301,17 +300,16 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, beta: float, epsilo
 def grpo_step(policy, reference, tokenizer, optimizer, rows: list[dict], cfg: Config,
               autocast=nullcontext()):
     """One GRPO step on `rows` (P questions). Returns (metrics, rollout, rewards, advantages)."""
-    device = next(policy.parameters()).device
-    G, times = cfg.num_generations, {}
+    G, times, device = cfg.num_generations, {}, next(policy.parameters()).device
     with timed(times, "time/generate", device):  # 1. G completions per question
         rollout = generate_completions(policy, tokenizer, [r["prompt"] for r in rows], G,
-                                       cfg.max_completion_length, cfg.temperature, autocast)
+                                       cfg.max_completion_length, cfg.temperature, autocast,
+                                       cfg.compile)
     with timed(times, "time/score", device):  # 2. rewards, 3. advantages within each group
         answers = [r["answer"] for r in rows for _ in range(G)]
         weights = {name: getattr(cfg, f"{name}_weight") for name in REWARD_FUNCTIONS}
         rewards, components = score_completions(rollout.texts, answers, weights)  # [B]
         advantages = group_advantages(rewards, G, cfg.loss_type != "dr_grpo").to(device)  # [B]
-
     # 4. Log-probs that stay fixed during the update: old policy (mu > 1), reference (beta > 0).
     input_ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], dim=1)  # [B, Tp + T]
     attention_mask = torch.cat([rollout.prompt_mask, rollout.completion_mask], dim=1)
@@ -325,7 +323,6 @@ def grpo_step(policy, reference, tokenizer, optimizer, rows: list[dict], cfg: Co
             with policy.disable_adapter() if reference is None else nullcontext():
                 ref_logp = frozen_logps(reference if reference is not None else policy,
                                         input_ids, attention_mask, T, cfg, autocast)
-
     # 5. mu optimizer steps on this batch, each accumulating the gradient over micro-batches.
     loss_settings = {name: getattr(cfg, name) for name in ("beta", "epsilon_low", "epsilon_high",
                      "loss_type", "max_completion_length", "kl_estimator")}
@@ -372,7 +369,7 @@ def train(cfg: Config) -> dict:
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad],
                                   lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     start_step, results = resume_run(cfg, resume_from, optimizer)
-    evaluation = (eval_rows, cfg.eval_batch_size, cfg.max_completion_length, autocast)
+    evaluation = (eval_rows, cfg.eval_batch_size, cfg.max_completion_length, autocast, cfg.compile)
     if resume_from is None and cfg.eval_size:
         results["before"] = evaluate(policy, tokenizer, *evaluation)
         print(f"before training: {results['before']}")
@@ -405,26 +402,24 @@ def train(cfg: Config) -> dict:
     return write_results(cfg, results)
 
 def evaluate(model, tokenizer, rows: list[dict], batch_size: int = 32,
-             max_completion_length: int = 512, autocast=nullcontext()) -> dict:
+             max_completion_length: int = 512, autocast=nullcontext(), compiled=False) -> dict:
     """Greedy accuracy (answer reward = 1) and format rate (strict format) on `rows`."""
     correct, formatted = 0, 0
     for i in range(0, len(rows), batch_size):
         batch = rows[i:i + batch_size]
         texts = generate_completions(model, tokenizer, [r["prompt"] for r in batch], 1,
-                                     max_completion_length, 0.0, autocast).texts
+                                     max_completion_length, 0.0, autocast, compiled).texts
         correct += sum(REWARD_FUNCTIONS["answer"](texts, [r["answer"] for r in batch]))
         formatted += sum(r == 1.0 for r in format_reward(texts))  # the strict format only
     return {"accuracy": correct / max(len(rows), 1), "format_rate": formatted / max(len(rows), 1),
             "n": len(rows)}
 
 # ==== Part 2: Machinery (flags, devices, loading, checkpoints, logs, main) ========================
-
 LOSS_TYPES, KL_ESTIMATORS = ("grpo", "dapo", "dr_grpo"), ("k1", "k2", "k3", "k3_ratio")
 # What --resume may change (length, step size, machine, memory, logs); the rest is the run's own.
-CHANGEABLE_ON_RESUME = (
-    "max_steps", "resume", "output_dir", "learning_rate", "weight_decay", "max_grad_norm",
-    "micro_batch_size", "gradient_checkpointing", "precision", "logp_chunk_size", "device",
-    "trust_remote_code", "eval_batch_size", "log_samples_every", "save_every")
+CHANGEABLE_ON_RESUME = ("max_steps", "resume", "output_dir", "learning_rate", "weight_decay",
+    "max_grad_norm", "micro_batch_size", "gradient_checkpointing", "precision", "logp_chunk_size",
+    "device", "compile", "trust_remote_code", "eval_batch_size", "log_samples_every", "save_every")
 
 def require(ok: bool, message: str) -> None:
     if not ok:
@@ -490,12 +485,13 @@ def check_output_dir(cfg: Config) -> None:
     require(not differ, f"--resume: the run in {out} has {', '.join(differ)}. Pass the run's "
                         "own values, or choose another --output-dir for a new run.")
 
-# ---- Devices, precision, time and memory --------------------------------------------------------
+# ---- Devices, precision, time and memory, the compiled decoding step ----------------------------
+GPUS = {"cuda": torch.cuda, "mps": torch.mps}  # each with is_available and its random state
+
 def pick_device(name: str) -> torch.device:
-    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    if name == "auto":
-        name = next((kind for kind in ("cuda", "mps") if available[kind]), "cpu")
-    require(available.get(name, True), f"--device {name}: torch finds none. Use --device auto.")
+    found = [kind for kind, gpu in GPUS.items() if gpu.is_available()] + ["cpu"]
+    name = found[0] if name == "auto" else name
+    require(name in found, f"--device {name}: torch finds none. Use --device auto.")
     return torch.device(name)
 
 def autocast_for(device: torch.device, precision: str):
@@ -509,7 +505,7 @@ def autocast_for(device: torch.device, precision: str):
 @contextmanager
 def timed(metrics: dict, key: str, device: torch.device):
     """Add the seconds spent inside the block to metrics[key] (waiting for the GPU to finish)."""
-    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    synchronize = getattr(torch, device.type).synchronize  # torch.cpu's waits for nothing
     synchronize()
     start = time.perf_counter()
     yield
@@ -517,14 +513,33 @@ def timed(metrics: dict, key: str, device: torch.device):
     metrics[key] = metrics.get(key, 0.0) + time.perf_counter() - start
 
 def peak_memory_mb(device: torch.device) -> float:
-    """Peak GPU memory allocated by torch on CUDA; elsewhere the process's peak resident memory."""
+    """Peak memory: torch's on CUDA, none on MPS (NaN: no counter), else the process's resident."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
-    if sys.platform == "win32":  # no `resource` module
+    if device.type == "mps" or sys.platform == "win32":  # no peak counter; no `resource`
         return float("nan")
     import resource
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, else KiB
+
+NO_FLOAT64 = {"mps"}  # devices without float64: sample_tokens draws there with torch.multinomial
+
+def compiled_decoding(model, cache, attention_mask: torch.Tensor, bucket: int = 256):
+    """The prompts' cache copied into a static one of L >= Tp + T slots (a multiple of `bucket`),
+    the mask padded to L, and the decoder compiled: each step of B rows has the same shapes."""
+    B, L = len(attention_mask), -(-attention_mask.shape[1] // bucket) * bucket
+    decoder, caches = compiled_decoder(model)  # kept: a CUDA graph holds its cache's tensors
+    static = caches.setdefault((B, L, cache.layers[0].keys.dtype), StaticCache(model.config, L))
+    static.reset()
+    for i, layer in enumerate(cache.layers):
+        static.update(layer.keys, layer.values, i)
+    mask = torch.nn.functional.pad(attention_mask, (0, L - attention_mask.shape[1]))  # [B, L]
+    return static, mask, decoder
+
+@functools.cache  # once per model: on CUDA as CUDA graphs (one launch per step), and its caches
+def compiled_decoder(model):
+    mode = "reduce-overhead" if next(model.parameters()).is_cuda else None
+    return torch.compile(model.get_decoder(), mode=mode, dynamic=False), {}  # new shape: compiled
 
 # ---- Tokenizer, models, LoRA --------------------------------------------------------------------
 def load_tokenizer(name: str, trust_remote_code: bool = False):
@@ -533,13 +548,7 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
     except (OSError, ValueError) as error:
         raise ConfigError(f"--model {name!r} cannot be loaded ({error}). Pass a Hub id or a "
                           "local folder with config.json, weights and tokenizer.") from None
-    try:  # no template, or one that refuses a system message (Gemma's): find out now, not mid-run
-        tokenizer.apply_chat_template(make_prompt("What is 1 + 1?"), tokenize=False,
-                                      add_generation_prompt=True)
-    except Exception as error:
-        raise ConfigError(f"--model {name!r}: its chat template cannot format a system prompt "
-                          f"plus a question ({error}). Use a chat model with a template that "
-                          "accepts a system message.") from None
+    check_chat_template(tokenizer, name)  # the task's prompt (rewards.py) must fit its template
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     return tokenizer
 
@@ -552,8 +561,6 @@ def load_model(name: str, device: torch.device, dtype=torch.float32,
     except (OSError, ValueError) as error:
         raise ConfigError(f"--model {name!r} cannot be loaded ({error}). Pass a causal LM with "
                           "safetensors weights.") from None
-    # per_token_logps applies the output layer to the last hidden state itself: a model that
-    # changes its logits after that (soft-capping, a scale) would be scored as another policy.
     ids = torch.arange(4)[None]  # [1, 4] any few tokens
     with torch.no_grad():
         try:
@@ -580,7 +587,7 @@ def add_lora(model, cfg: Config, adapter_dir: Path | None = None):
         raise ConfigError("--lora-r needs the peft library: pip install peft") from None
     if adapter_dir is not None:
         return PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
-    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,  # one policy
                       target_modules=cfg.lora_target_modules.split(","), task_type="CAUSAL_LM")
     try:
         return get_peft_model(model, lora)
@@ -605,11 +612,7 @@ def load_policy_and_reference(cfg: Config, device: torch.device,
                                trust_remote_code=remote).eval().requires_grad_(False)
     checkpointed = [m for m in (policy, reference) if m is not None and cfg.gradient_checkpointing]
     for model in checkpointed:  # the reference too: its passes then compute as the policy's
-        kwargs = {"use_reentrant": False}
-        if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.23
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        model.activation_checkpointing_enable({"use_reentrant": False})  # torch recommends it
         if cfg.lora_r:  # frozen embeddings: give checkpointed layers an input with grad
             policy.enable_input_require_grads()
     return policy, reference
@@ -628,9 +631,8 @@ def save_checkpoint(output_dir: Path, step: int, policy, reference, tokenizer, o
     tokenizer.save_pretrained(tmp)
     if reference is not None and cfg.ref_sync_every:
         reference.save_pretrained(tmp / "reference")
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
+    rng = {"torch": torch.get_rng_state()}  # and each GPU's (the one in use)
+    rng.update({kind: gpu.get_rng_state() for kind, gpu in GPUS.items() if gpu.is_available()})
     torch.save({"optimizer": optimizer.state_dict(), "rng": rng}, tmp / "trainer_state.pt")
     state = {"step": step, "config": asdict(cfg)}
     (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
@@ -653,8 +655,9 @@ def resume_run(cfg: Config, checkpoint_dir: Path | None, optimizer) -> tuple[int
     for group in optimizer.param_groups:  # the saved state holds the old values; the flags win
         group.update(lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     torch.set_rng_state(state["rng"]["torch"])
-    if "cuda" in state["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    for kind, gpu in GPUS.items():  # a GPU's, where the run goes on on the same kind of GPU
+        if kind in state["rng"] and gpu.is_available():
+            gpu.set_rng_state(state["rng"][kind])
     step = json.loads((checkpoint_dir / "trainer_state.json").read_text())["step"]
     for path in (output_dir / "metrics.jsonl", output_dir / "samples.jsonl"):  # to be run again
         kept = [r for r in read_jsonl(path) if r["step"] <= step]
@@ -663,8 +666,7 @@ def resume_run(cfg: Config, checkpoint_dir: Path | None, optimizer) -> tuple[int
     return step, json.loads((output_dir / "results.json").read_text())
 
 def until_ctrl_c(steps):
-    """Yield `steps` while Ctrl-C (SIGINT) only sets a flag, read between steps: the loop stops
-    at a step boundary. A second Ctrl-C stops at once, unsaved. (Call from the main thread.)"""
+    """Yield `steps`; Ctrl-C only sets a flag, read between steps (twice: stop now, unsaved)."""
     pressed = []
 
     def on_ctrl_c(signum, frame):
@@ -769,13 +771,12 @@ def plot_curves(metrics_path: Path, out_path: Path) -> None:
     """Reward, accuracy and format rate, KL, completion length per step from metrics.jsonl."""
     from matplotlib.figure import Figure  # no pyplot: leaves a notebook's plotting backend alone
     records = read_jsonl(metrics_path)
-    if not records:
+    if not records:  # no step yet: no picture
         return
-    panels = [("reward/total", "mean reward"), ("accuracy format_rate", "accuracy (answer = 1), "
-              "format rate (strict)"), ("kl", "KL(policy || reference)"),
-              ("completion/len_mean", "mean completion length (tokens)")]
+    panels = {"reward/total": "mean reward", "accuracy format_rate": "accuracy, strict format rate",
+              "kl": "KL(policy || reference)", "completion/len_mean": "mean completion length"}
     fig = Figure(figsize=(9, 6), dpi=80)
-    for ax, (keys, title) in zip(fig.subplots(2, 2).flat, panels):
+    for ax, (keys, title) in zip(fig.subplots(2, 2).flat, panels.items()):
         for key in keys.split():
             ax.plot([r["step"] for r in records], [r.get(key) for r in records], label=key)
         ax.set(title=title, xlabel="step")
@@ -783,8 +784,7 @@ def plot_curves(metrics_path: Path, out_path: Path) -> None:
     fig.tight_layout()
     fig.savefig(out_path)
 
-def quiet_libraries() -> None:
-    """One progress bar (ours): no per-file bars from transformers and datasets."""
+def quiet_libraries() -> None:  # one progress bar, ours: no per-file bars from the libraries
     import datasets
     import transformers
     transformers.utils.logging.disable_progress_bar()

@@ -52,6 +52,17 @@ def make_prompt(question: str, example_turn: bool = True) -> list[dict]:
             {"role": "user", "content": question}]
 
 
+def check_chat_template(tokenizer, model_name: str) -> None:
+    """The model's chat template must format a system prompt and a question (Gemma's refuses a
+    system message; some models have no template): found out when the model loads, not mid-run."""
+    try:
+        tokenizer.apply_chat_template(make_prompt("What is 1 + 1?"), tokenize=False,
+                                      add_generation_prompt=True)
+    except Exception as error:
+        raise ConfigError(f"--model {model_name!r}: its chat template cannot format a system "
+                          f"prompt and a question ({error}). Use another chat model.") from None
+
+
 # Partial format credit for each tag that appears exactly once (4 tags -> at most 0.5),
 # so a model that never writes the full structure still gets a signal towards it.
 TAG_CREDIT = 0.125

@@ -7,12 +7,15 @@ Run: python -m pytest -q test_grpo.py
 import contextlib
 import io
 import json
+import logging
+import math
 import os
 import random
 import re
 import shutil
 import subprocess
 import sys
+import warnings
 from dataclasses import fields, replace
 from pathlib import Path
 
@@ -417,7 +420,7 @@ def test_prompt_cache_gives_the_plain_forward_pass(lively):
         plain = model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits[:, -1]  # [6, V]
         cache = prompt_cache(model, encoded.input_ids, encoded.attention_mask, 3)
         cached = model(input_ids=ids[:, -1:], attention_mask=mask, position_ids=position_ids[:, -1:],
-                       past_key_values=cache).logits[:, -1]  # [6, V]
+                       cache=cache).logits[:, -1]  # [6, V]
     assert (plain[0] - plain[3]).abs().max() > 0.1  # the two prompts give different logits
     # float32, the same products split differently (the cache, then one token): ~1e-6 of logits ~1
     torch.testing.assert_close(cached, plain, rtol=1e-5, atol=1e-5)
@@ -460,6 +463,38 @@ def test_greedy_decoding_stops_at_any_end_of_reply_id_as_generate_does(lively):
     assert torch.equal(rollout.truncated, ~torch.isin(rollout.completion_ids, torch.tensor(eos_ids)).any(dim=1))
 
 
+def test_the_compiled_decoding_step_draws_the_eager_loops_tokens_and_compiles_once_per_shape(lively):
+    """--compile: a static cache padded to a multiple of 256 slots and a compiled step. Greedy and
+    sampled tokens as the eager loop's (itself equal to generate(), above), for prompts of several
+    lengths, two end-of-reply ids, B = 3 x 5; a new batch of the same B compiles nothing more."""
+    model, tokenizer = lively
+    questions = ["What is 1 + 2?", "What is 33 + 4 + 5 + 6?", "What is 7 + 8 + 9?", "What is 4?"]
+    prompts = [rewards.make_prompt(q) for q in questions]
+    stop = int(generate_completions(model, tokenizer, prompts[:1], 1, 8, 0.0).completion_ids[0, 3])
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, stop]
+    graphs = torch._dynamo.utils.counters["stats"]
+    try:
+        for temperature in (0.0, 1.0):
+            runs = []
+            for compiled in (False, True):
+                torch.manual_seed(0)
+                runs.append(generate_completions(model, tokenizer, prompts[:3], 5, 12, temperature,
+                                                 compiled=compiled))
+            eager, fast = runs
+            # Sampled draws could part only where u falls within ~1e-6 (the compiled kernels' rounding
+            # of the logits) of a CDF boundary: about B * T * 1e-6 = 2e-4 of a chance in this test.
+            assert torch.equal(eager.completion_ids, fast.completion_ids), temperature
+            assert torch.equal(eager.completion_mask, fast.completion_mask)
+            assert eager.texts == fast.texts and torch.equal(eager.truncated, fast.truncated)
+        assert eager.prompt_mask.eq(0).any() and eager.completion_mask.eq(0).any()  # padding; an end
+        before = graphs["unique_graphs"]
+        other = generate_completions(model, tokenizer, [prompts[0], *prompts[2:]], 5, 12, 0.0, compiled=True)
+        assert other.prompt_ids.shape[1] != eager.prompt_ids.shape[1]  # another prompt length, same B
+        assert graphs["unique_graphs"] == before  # no compilation
+    finally:
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+
+
 def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> tuple[float, int]:
     """Pearson's statistic and its degrees of freedom, the cells expected under 5 times pooled."""
     expected = counts.sum() * probs
@@ -470,9 +505,14 @@ def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> tuple[float, int]:
     return float(((observed - expected)[keep] ** 2 / expected[keep]).sum()), int(keep.sum()) - 1
 
 
-@pytest.mark.parametrize("temperature, other", [(1.0, 0.5), (0.5, 1.0)])
-def test_sampling_draws_from_softmax_of_the_logits_over_the_temperature(lively, temperature, other):
+@pytest.mark.parametrize("temperature, other, device", [(1.0, 0.5, "cpu"), (0.5, 1.0, "cpu"), (1.0, 0.5, "mps")])
+def test_sampling_draws_from_softmax_of_the_logits_over_the_temperature(lively, temperature, other, device,
+                                                                         monkeypatch):
+    """device "mps": the draw on a device without float64 (torch.multinomial), run here on the CPU."""
     model, tokenizer = lively
+    if device == "mps":
+        monkeypatch.setattr(grpo, "NO_FLOAT64", {"cpu"})
+        monkeypatch.setattr(torch, "rand", None)  # the float64 inverse CDF is not the one drawing
     torch.manual_seed(0)
     rollout = generate_completions(model, tokenizer, [rewards.make_prompt("What is 1 + 2?")], 4000, 1, temperature)
     counts = torch.bincount(rollout.completion_ids[:, 0], minlength=model.config.vocab_size).double()
@@ -851,6 +891,43 @@ def test_a_checkpoint_saved_on_a_gpu_resumes_without_one(tiny_model_dir, tmp_pat
     assert [m["step"] for m in grpo.read_jsonl(Path(cfg.output_dir) / "metrics.jsonl")] == [1, 2]
 
 
+def test_on_mps_the_random_state_is_checkpointed_the_clock_waits_and_no_peak_is_made_up(tiny_model_dir, tmp_path,
+                                                                                         monkeypatch):
+    """No Mac here: torch's MPS functions replaced by stand-ins that record their calls. A run saves the
+    MPS generator's state and a resume restores it (as CUDA's); `timed` waits for MPS before reading the
+    clock; peak memory on MPS is NaN (torch keeps no peak there), not the CPU's resident memory."""
+    state, restored, waits = torch.arange(8, dtype=torch.uint8), [], []
+    monkeypatch.setattr(torch.mps, "is_available", lambda: True)
+    monkeypatch.setattr(torch.mps, "get_rng_state", lambda: state.clone())
+    monkeypatch.setattr(torch.mps, "set_rng_state", restored.append)
+    monkeypatch.setattr(torch.mps, "synchronize", lambda: waits.append(1))
+    cfg = tiny_config(tiny_model_dir, tmp_path, max_steps=1, eval_size=0, device="cpu")
+    grpo.train(cfg)
+    saved = torch.load(Path(cfg.output_dir) / "checkpoint-1" / "trainer_state.pt", weights_only=True)
+    assert torch.equal(saved["rng"]["mps"], state)
+    grpo.train(replace(cfg, max_steps=2, resume=True))
+    assert len(restored) == 1 and torch.equal(restored[0], state)
+    times = {}
+    with grpo.timed(times, "t", torch.device("mps")):
+        pass
+    assert waits == [1, 1] and times["t"] >= 0  # before the start and before the end
+    assert math.isnan(grpo.peak_memory_mb(torch.device("mps")))
+
+
+def test_a_run_says_nothing_deprecated(tiny_model_dir, tmp_path, monkeypatch):
+    """transformers renamed `past_key_values` to `cache` (the old name goes in 5.40): a run, LoRA and
+    gradient checkpointing included, uses no deprecated name. Its notices go through warnings (the
+    kwarg) and through its logger's warning_once (the output attribute), both recorded here."""
+    said = []
+    monkeypatch.setattr(logging.Logger, "warning_once", lambda self, message, *a, **k: said.append(message))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        grpo.train(tiny_config(tiny_model_dir, tmp_path, max_steps=1, lora_r=4, gradient_checkpointing=True))
+    said += [str(w.message) for w in caught if issubclass(w.category, (DeprecationWarning, FutureWarning))]
+    theirs = "`is_gradient_checkpointing`"  # peft 0.21's PeftModel reads it when it wraps a model: not our call
+    assert not [message for message in said if "deprecat" in message.lower() and theirs not in message], said
+
+
 # ---------------------------------------------------------------------------------------------
 # Learning: the signs and the plumbing, end to end
 
@@ -898,7 +975,7 @@ def test_bad_config_is_rejected_at_once(tiny_model_dir, tmp_path, overrides, mes
 
 def test_a_device_this_machine_lacks_is_rejected_at_once(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a machine without them
-    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    monkeypatch.setattr(torch.mps, "is_available", lambda: False)
     for device in ("cuda", "mps"):
         with pytest.raises(ConfigError, match=f"--device {device}: .*Use --device auto"):
             grpo.train(tiny_config(tiny_model_dir, tmp_path, device=device))
@@ -1372,6 +1449,7 @@ def test_notebook_runs_top_to_bottom(tiny_model_dir, tmp_path, monkeypatch):
     assert (tmp_path / "notebook-run" / "metrics.jsonl").exists()
     outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
     assert sum("image/png" in o.get("data", {}) for o in outputs) >= 4  # mask, surrogate, KL, curves
+    assert not [o["text"] for o in outputs if "deprecated" in o.get("text", "")]  # no notice of a renamed API
 
 
 def test_notebook_links_point_at_the_definitions():
@@ -1447,8 +1525,8 @@ TRL_FIELDS = [
     ("--learning-rate 3e-6", "lr_scheduler_type", "constant"),
     ("--weight-decay 0.1", "weight_decay", 0.1),
     ("--max-grad-norm 0.5", "max_grad_norm", 0.5),
-    ("--gradient-checkpointing", "gradient_checkpointing", True),
-    ("--no-gradient-checkpointing", "gradient_checkpointing", False),
+    ("--gradient-checkpointing", "activation_checkpointing", True),
+    ("--no-gradient-checkpointing", "activation_checkpointing", False),
     ("--seed 7", "seed", 7),
     ("--max-steps 3", "max_steps", 3),
     ("--format-weight 0.25 --answer-weight 2", "reward_weights", [0.25, 2.0]),
@@ -1587,7 +1665,7 @@ def trl_trainer(tiny_model_dir, tmp_path_factory):
     args = trl.GRPOConfig(output_dir=str(tmp_path_factory.mktemp("trl")), use_cpu=True, bf16=False, report_to="none",
                           per_device_train_batch_size=4, num_generations=2, max_completion_length=5,
                           temperature=0.7, beta=0.04, epsilon=0.2, epsilon_high=0.28, disable_dropout=True,
-                          model_init_kwargs={"dtype": torch.float32})
+                          activation_checkpointing=True, model_init_kwargs={"dtype": torch.float32})
     trainer = trl.GRPOTrainer(model=str(tiny_model_dir), reward_funcs=[lambda completions, **kw: [0.0] * len(completions)],
                               args=args, train_dataset=Dataset.from_list([{"prompt": "a b"}] * 4))
     trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train; one micro-batch here

@@ -18,6 +18,7 @@ per function, and each survivor's diff.
 import argparse
 import ast
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -53,7 +54,8 @@ def copy_project(out: Path, functions: tuple[str, ...], tests: str) -> None:
         '[tool.mutmut]\nsource_paths = ["grpo.py", "rewards.py"]\n'
         'pytest_add_cli_args_test_selection = ["test_grpo.py"]\n'
         f'pytest_add_cli_args = ["-p", "no:cacheprovider", "-k", "{tests}"]\n'
-        'also_copy = ["scale"]\n')
+        'also_copy = ["scale"]\n'
+        'process_isolation = "forkserver"\n')  # torch is not fork-safe once its threads started
 
 
 def report(out: Path) -> dict:
@@ -89,7 +91,8 @@ def main():
     if not args.report_only:
         shutil.rmtree(out, ignore_errors=True)
         copy_project(out, tuple(args.functions.split(",")), args.tests)
-        subprocess.run([MUTMUT, "run", "--max-children", str(args.jobs)], cwd=out, check=False)
+        one_thread = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # jobs share the cores
+        subprocess.run([MUTMUT, "run", "--max-children", str(args.jobs)], cwd=out, check=False, env=one_thread)
     (out / "scores.json").write_text(json.dumps(report(out), indent=2))
 
 

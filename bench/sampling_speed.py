@@ -1,21 +1,22 @@
 """
-Time grpo.py's decoding loop (`generate_completions`) against the `model.generate` call it
-replaced, on the same prompts, in one process, alternating the two so that the machine's drift
-hits both alike. Both sample from softmax(logits / T) (top-k, top-p and the repetition penalty
-switched off in `generate`); they draw different random numbers, so the texts differ.
+Time grpo.py's decoding loop (`generate_completions`) eager against compiled (`--compile`: a
+static cache and a `torch.compile`d decoding step), on the same prompts, in one process,
+alternating the two so that the machine's drift hits both alike. Both draw the same tokens at
+the same seed (test_grpo.py checks it on a tiny model); this script counts the differing rows.
 
-    python bench/sampling_speed.py SMOLLM2_FOLDER GSM8K_FOLDER            # the CPU bench work
+    python bench/sampling_speed.py SMOLLM2_FOLDER GSM8K_FOLDER            # CPU: 4 x 8 = 32 rows
     python bench/sampling_speed.py MODEL_FOLDER GSM8K_FOLDER --questions 8 --generations 8 \
-        --tokens 512 --device cuda                                         # 64 rows on a GPU
+        --tokens 512 --device cuda --precision bf16                        # 64 rows on a GPU
 
-With --profile it also prints the operators that take the loop's time (torch.profiler).
+The first compiled call compiles (its time, less an eager call's, is printed as the compile
+time); later calls with the same number of rows and prompts of a similar length (the same
+multiple of 256 slots) reuse it. With --profile it also prints where the eager loop's time goes.
 """
 
 import argparse
 import statistics
 import sys
-import time
-from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -23,29 +24,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import grpo  # noqa: E402
 import rewards  # noqa: E402
-
-
-@torch.no_grad()
-def generate_with_hf(model, tokenizer, prompts, num_generations, max_completion_length,
-                     temperature, autocast=nullcontext()):
-    """The sampling path before the decoding loop: one `model.generate` call over a prompt cache."""
-    device = next(model.parameters()).device
-    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
-    encoded = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left",
-                        add_special_tokens=False).to(device)
-    prompt_ids = encoded.input_ids.repeat_interleave(num_generations, dim=0)
-    prompt_mask = encoded.attention_mask.repeat_interleave(num_generations, dim=0)
-    eos_ids = model.generation_config.eos_token_id
-    eos_ids = sorted({i for i in [*(eos_ids if isinstance(eos_ids, list) else [eos_ids]),
-                                  tokenizer.eos_token_id] if i is not None})
-    with autocast:
-        cache = grpo.prompt_cache(model, encoded.input_ids, encoded.attention_mask, num_generations)
-        output = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, past_key_values=cache,
-                                max_new_tokens=max_completion_length, eos_token_id=eos_ids,
-                                pad_token_id=tokenizer.pad_token_id, repetition_penalty=1.0,
-                                use_cache=True, do_sample=True, temperature=temperature, top_k=0,
-                                top_p=1.0)
-    return output[:, prompt_ids.shape[1]:]
 
 
 def main():
@@ -56,6 +34,7 @@ def main():
     parser.add_argument("--generations", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--profile", action="store_true")
@@ -66,33 +45,45 @@ def main():
     grpo.quiet_libraries()
     tokenizer = grpo.load_tokenizer(args.model)
     model = grpo.load_model(args.model, device).eval()
-    prompts = [r["prompt"] for r in rewards.load_dataset_rows(args.data, "train", example_turn=False)[:args.questions]]
-    work = (model, tokenizer, prompts, args.generations, args.tokens, 1.0, autocast)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    rows = rewards.load_dataset_rows(args.data, "train", example_turn=False)
+    batches = [[r["prompt"] for r in rows[i:i + args.questions]]  # other prompts every repeat
+               for i in range(0, args.questions * (args.repeats + 1), args.questions)]
+    paths = {"eager": grpo.generate_completions,
+             "compiled": partial(grpo.generate_completions, compiled=True)}
 
-    def per_token(fn):  # seconds per decoding step, and the steps taken
+    def per_step(name, prompts):  # seconds per decoding step, and the completions
+        times = {}
         torch.manual_seed(0)
-        sync()
-        start = time.perf_counter()
-        out = fn(*work)
-        sync()
-        ids = out.completion_ids if isinstance(out, grpo.Rollout) else out
-        return (time.perf_counter() - start) / ids.shape[1], ids.shape[1]
+        with grpo.timed(times, "s", device):
+            out = paths[name](model, tokenizer, prompts, args.generations, args.tokens,
+                              args.temperature, autocast)
+        return times["s"] / out.completion_ids.shape[1], out
 
-    per_token(grpo.generate_completions), per_token(generate_with_hf)  # warm-up
-    times = {"loop": [], "generate": []}
-    for _ in range(args.repeats):
-        for name, fn in (("loop", grpo.generate_completions), ("generate", generate_with_hf)):
-            seconds, steps = per_token(fn)
+    warm = {name: per_step(name, batches[0]) for name in paths}  # the compiled one compiles
+    steps = warm["eager"][1].completion_ids.shape[1]
+    print(f"compile time: {(warm['compiled'][0] - warm['eager'][0]) * steps:.1f} s (the first "
+          f"compiled call less an eager one, {steps} steps)", flush=True)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    times, differ = {name: [] for name in paths}, 0
+    for prompts in batches[1:]:
+        outs = {}
+        for name in paths:
+            seconds, outs[name] = per_step(name, prompts)
             times[name].append(seconds)
-            print(f"{name:9s} {steps:4d} decoding steps, {1000 * seconds:7.1f} ms per step", flush=True)
-    loop, hf = statistics.median(times["loop"]), statistics.median(times["generate"])
-    rows = args.questions * args.generations
-    print(f"\n{rows} rows, {device}, {args.precision}: median ms per decoding step: loop {1000 * loop:.1f}, "
-          f"generate {1000 * hf:.1f}; loop / generate = {loop / hf:.2f}")
+            print(f"{name:9s} {outs[name].completion_ids.shape[1]:4d} decoding steps, "
+                  f"{1000 * seconds:7.1f} ms per step", flush=True)
+        eager, fast = (outs[name].completion_ids for name in paths)
+        differ += (eager.shape != fast.shape) or int((eager != fast).any(dim=1).sum())
+    eager, compiled = (statistics.median(times[name]) for name in paths)
+    print(f"\n{args.questions * args.generations} rows, {device}, {args.precision}: median ms per "
+          f"decoding step: eager {1000 * eager:.1f}, compiled {1000 * compiled:.1f}; compiled / "
+          f"eager = {compiled / eager:.2f}; rows whose tokens differ: {differ}; compilations: "
+          f"{graphs} at the first call, {torch._dynamo.utils.counters['stats']['unique_graphs']} "
+          "in all")
     if args.profile:
         with torch.profiler.profile() as profile:
-            grpo.generate_completions(*work)
+            grpo.generate_completions(model, tokenizer, batches[0], args.generations, args.tokens,
+                                      args.temperature, autocast)
         print(profile.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
 
 

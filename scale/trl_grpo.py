@@ -98,7 +98,7 @@ def trl_config(cfg: grpo.Config, num_processes: int = 1, use_vllm: bool = False)
         reward_weights=[getattr(cfg, f"{name}_weight") for name in rewards.REWARD_FUNCTIONS],
         learning_rate=cfg.learning_rate, lr_scheduler_type="constant", warmup_steps=0,
         weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
-        gradient_checkpointing=cfg.gradient_checkpointing,  # TRL's default is on; ours off
+        activation_checkpointing=cfg.gradient_checkpointing,  # TRL's default is on; ours off
         disable_dropout=True,  # the learner scores the sampler's policy, as in grpo.py
         bf16=uses_bf16(cfg), use_cpu=cfg.device == "cpu", trust_remote_code=cfg.trust_remote_code,
         model_init_kwargs={"dtype": torch.float32, "trust_remote_code": cfg.trust_remote_code},
@@ -126,7 +126,7 @@ def peft_config(cfg: grpo.Config):
     if not cfg.lora_r:
         return None
     from peft import LoraConfig
-    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
                       target_modules=cfg.lora_target_modules.split(","), task_type="CAUSAL_LM")
 
 
