@@ -35,6 +35,7 @@ LOSS_TYPES = {"grpo": "grpo", "dapo": "dapo", "bnpo": "dapo", "dr_grpo": "dr_grp
 # Flags that TRL has no equivalent for: refused unless left at grpo.py's default.
 NO_TRL_EQUIVALENT = {
     "logp_chunk_size": "TRL computes log-probs its own way",
+    "compile": "TRL samples with its own generate() (or vLLM: --use-vllm), not grpo.py's loop",
     # transformers' Trainer exempts biases and norm weights from weight decay; grpo.py decays all
     "weight_decay": "TRL's Trainer does not decay biases and norm weights, grpo.py decays every one",
 }
