@@ -16,6 +16,7 @@ the settings allow. A trained model stops earlier.
 """
 
 import json
+import os
 import sys
 import tempfile
 import time
@@ -26,7 +27,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import grpo  # noqa: E402
 
-QWEN2_5_0_5B = dict(vocab_size=151_936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+QWEN2_5_0_5B = dict(vocab_size=151_936, hidden_size=896, intermediate_size=4864,
+                    num_hidden_layers=int(os.environ.get("RANDOM_MODEL_LAYERS", 24)),  # fewer: a dry run
                     num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32_768,
                     rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True)
 

@@ -14,6 +14,7 @@ multiple of 256 slots) reuse it. With --profile it also prints where the eager l
 """
 
 import argparse
+import json
 import statistics
 import sys
 from functools import partial
@@ -38,6 +39,7 @@ def main():
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
 
     device = grpo.pick_device(args.device)
@@ -80,6 +82,12 @@ def main():
           f"eager = {compiled / eager:.2f}; rows whose tokens differ: {differ}; compilations: "
           f"{graphs} at the first call, {torch._dynamo.utils.counters['stats']['unique_graphs']} "
           "in all")
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "rows": args.questions * args.generations, "eager_ms": round(1000 * eager, 2),
+            "compiled_ms": round(1000 * compiled, 2), "rows_differ": differ,
+            "compile_s": round((warm["compiled"][0] - warm["eager"][0]) * steps, 1),
+            "compilations": torch._dynamo.utils.counters["stats"]["unique_graphs"]}))
     if args.profile:
         with torch.profiler.profile() as profile:
             grpo.generate_completions(model, tokenizer, batches[0], args.generations, args.tokens,
