@@ -27,7 +27,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 import grpo
 import rewards
 from grpo import (Config, ConfigError, completion_mask, generate_completions, group_advantages, grpo_loss,
-                  kl_estimate, per_token_logps, prompt_cache)
+                  kl_estimate, per_token_logps, prompt_cache, sample_tokens)
 from rewards import (TAGS, answer_reward, extract_answer, extract_gold_answer, format_reward, parse_number)
 
 HERE = Path(__file__).parent
@@ -524,6 +524,13 @@ def test_sampling_draws_from_softmax_of_the_logits_over_the_temperature(lively, 
     assert statistic < df + 6 * (2 * df) ** 0.5, (statistic, df)
     statistic, df = chi_square(counts, torch.softmax(logits / other, dim=-1))
     assert statistic > df + 6 * (2 * df) ** 0.5, (statistic, df)
+
+
+def test_a_uniform_number_of_zero_never_draws_a_token_of_probability_zero(monkeypatch):
+    """torch.rand can return exactly 0. The draw is the first token whose CDF exceeds u (searchsorted's
+    right=True), so u = 0 gives the first token of positive probability, never token 0 when its probability is 0."""
+    monkeypatch.setattr(torch, "rand", lambda *shape, **kwargs: torch.zeros(*shape, dtype=torch.float64))
+    assert sample_tokens(torch.tensor([[-math.inf, 0.0, 0.0]]), temperature=1.0).tolist() == [1]
 
 
 def test_a_models_generation_config_does_not_reach_sampling(lively):
