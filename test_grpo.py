@@ -695,21 +695,47 @@ def test_data_from_jsonl_file_and_folder(tmp_path):
 
 
 def test_bad_data_is_a_clear_error(tmp_path):
+    """Each message whole: what is wrong, with which file, and what to do (the parts that come from
+    elsewhere, the parse error and the Hub's, between a fixed beginning and end)."""
+    def message(source, split="train"):
+        with pytest.raises(ConfigError) as error:
+            rewards.load_dataset_rows(str(source), split)
+        return str(error.value)
     file = write_jsonl(tmp_path / "bad.jsonl", [{"question": "Q?", "solution": "3"}])
-    with pytest.raises(ConfigError, match=r"lacks the key\(s\) \['answer'\]"):
-        rewards.load_dataset_rows(str(file), "train")
+    assert message(file) == f"--dataset {str(file)!r} lacks the key(s) ['answer']; each row needs 'question' and 'answer'."
     (tmp_path / "empty_dir").mkdir()
-    with pytest.raises(ConfigError, match="has no train.jsonl"):
-        rewards.load_dataset_rows(str(tmp_path / "empty_dir"), "train")
+    assert message(tmp_path / "empty_dir", "test") == (f"--dataset folder {str(tmp_path / 'empty_dir')!r} has no "
+                                                       "test.jsonl; it needs train.jsonl and test.jsonl.")
     (tmp_path / "empty.jsonl").write_text("")
-    with pytest.raises(ConfigError, match="empty.jsonl' is empty"):
-        rewards.load_dataset_rows(str(tmp_path / "empty.jsonl"), "train")
+    assert message(tmp_path / "empty.jsonl") == (f"--dataset file {str(tmp_path / 'empty.jsonl')!r} is empty; it needs "
+                                                 "rows with 'question' and 'answer'.")
     (tmp_path / "broken.jsonl").write_text('{"question": "Q?", "answer": "#### 3"}\nnot json\n')
-    with pytest.raises(ConfigError, match="broken.jsonl' is not JSON lines .*JSON parse error"):
-        rewards.load_dataset_rows(str(tmp_path / "broken.jsonl"), "train")
+    text = message(tmp_path / "broken.jsonl")
+    assert text.startswith(f"--dataset file {str(tmp_path / 'broken.jsonl')!r} is not JSON lines (") and "JSON parse error" in text
+    assert text.endswith("); write one JSON object per line, with 'question' and 'answer'.")
     # Offline (as here) the Hub cannot be reached; online this id does not exist: a clear error either way.
-    with pytest.raises(ConfigError, match="'nobody/no-such-dataset' cannot be loaded .*Check the id"):
-        rewards.load_dataset_rows("nobody/no-such-dataset", "train")
+    text = message("nobody/no-such-dataset")
+    assert text.startswith("--dataset 'nobody/no-such-dataset' cannot be loaded (")
+    assert text.endswith("). Check the id, --dataset-config and the network, or pass a local file.")
+
+
+def test_a_hub_dataset_is_asked_for_by_id_configuration_and_split(monkeypatch, tmp_path, capsys):
+    """GSM8K's Hub id needs its configuration ("main" unless --dataset-config says otherwise); a single local file
+    serves both splits, and says so when it is read for evaluation."""
+    import datasets
+    asked = []
+    rows = datasets.Dataset.from_list([{"question": "Q?", "answer": "#### 3"}])
+    monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: asked.append((args, kwargs)) or rows)
+    assert rewards.load_dataset_rows("openai/gsm8k", "test")[0]["answer"] == "3"
+    rewards.load_dataset_rows("someone/data", "train", "other")
+    assert asked == [(("openai/gsm8k", "main"), {"split": "test"}), (("someone/data", "other"), {"split": "train"})]
+    file = write_jsonl(tmp_path / "one.jsonl", [{"question": "Q?", "answer": "#### 3"}])
+    monkeypatch.undo()
+    rewards.load_dataset_rows(str(file), "train")
+    assert capsys.readouterr().out == ""
+    rewards.load_dataset_rows(str(file), "test")
+    assert capsys.readouterr().out == (f"note: --dataset {str(file)!r} is one file: evaluation uses questions it "
+                                       "trains on.\n")
 
 
 def test_arithmetic_task_holds_out_distinct_problems_never_trained_on():
@@ -1007,8 +1033,10 @@ def test_a_chat_template_without_a_system_role_is_a_clear_error(tiny_model_dir, 
     tokenizer.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
                                "{% endif %}" + CHAT_TEMPLATE)
     tokenizer.save_pretrained(no_system)
-    with pytest.raises(ConfigError, match="cannot format a system prompt.*System role not supported"):
+    with pytest.raises(ConfigError) as error:
         grpo.load_tokenizer(str(no_system))
+    assert str(error.value) == (f"--model {str(no_system)!r}: its chat template cannot format a system prompt and a "
+                                "question (System role not supported). Use another chat model.")
 
 
 @pytest.mark.parametrize("family, plain, transformed", [

@@ -31,7 +31,7 @@ FORMULAS = ("sample_tokens", "completion_mask", "score_completions", "group_adva
             "kl_estimate", "grpo_loss")
 END_TO_END = ("notebook", "trl_runner", "verl", "agree_with_trl", "ctrl_c", "resume", "end_to_end", "learns",
               "crash", "nan_loss", "says", "healthy", "lora_run", "kl_past", "reference_sync", "micro_batch_size_that",
-              "logged_loss", "gpu_resumes")
+              "logged_loss", "gpu_resumes", "nothing_deprecated", "random_state_is_checkpointed")
 TESTS = " and ".join(f"not {name}" for name in END_TO_END)
 KILLED = {1, 3, 36, 24, -24, 152, 255}  # mutmut's codes for a failing test, or a timeout
 MUTMUT = str(Path(sys.executable).with_name("mutmut"))
