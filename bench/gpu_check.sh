@@ -27,10 +27,11 @@ if [[ ${2:-} == --dry-run ]]; then  # the plumbing only: minutes on a CPU, no fi
     LIMIT=900
 else
     TESTS=(-k "not notebook_runs")
-    SPEED=(--questions 8 --generations 8 --tokens 512 --repeats 2 --precision bf16)
+    SPEED=(--questions 8 --generations 8 --tokens 512 --repeats 1 --precision bf16)
     STEP=()
-    LIMIT=150
+    LIMIT=180
 fi
+$PY -c "import xdist" 2>/dev/null && TESTS+=(-n 8)  # pytest-xdist, where there: 8 processes
 part() { local name=$1; shift; echo "== $name: $*"; timeout "$LIMIT" "$@" >"$OUT/$name.log" 2>&1
          local rc=$?; echo "   exit $rc, $(tail -c 300 "$OUT/$name.log" | tail -1)"; return 0; }
 
