@@ -130,8 +130,9 @@ def test_group_advantages_reference_values(rewards, expected):
 
 
 def test_group_advantages_are_exactly_zero_for_equal_rewards_and_per_group():
-    # 0.1 + 0.1 + 0.1 is not 3 * 0.1 in floating point: the mean alone would leave ~1e-9 residues.
-    rewards = torch.tensor([0.1, 0.1, 0.1, 1.0, 0.0, 0.0])
+    # Three float32 0.45s have a mean 3e-8 off 0.45: over (std + eps) that residue alone would be an advantage of
+    # ~3e-4, a signal made of rounding. (Other groups differ, so a check over the whole batch would not catch it.)
+    rewards = torch.tensor([0.45, 0.45, 0.45, 1.0, 0.0, 0.0])
     advantages = group_advantages(rewards, 3)
     assert advantages[:3].eq(0).all()
     torch.testing.assert_close(advantages[3:], group_advantages(torch.tensor([1.0, 0.0, 0.0]), 3))
@@ -236,6 +237,31 @@ def test_unknown_loss_type_raises():
                   max_completion_length=4)
 
 
+def test_without_reference_log_probs_the_loss_has_no_kl_term():
+    args = dict(TWO_COMPLETIONS, loss_type="grpo", max_completion_length=4, epsilon_low=0.2, epsilon_high=0.2)
+    loss, diagnostics = grpo_loss(**{**args, "ref_logp": None}, beta=0.04)
+    assert loss.item() == grpo_loss(**args, beta=0.0)[0].item() and diagnostics["kl"] == 0.0
+
+
+def test_clip_fractions_count_the_tokens_whose_gradient_the_clip_stops():
+    """One token per row. Low: ratio below 1 - eps_low with A < 0; high: above 1 + eps_high with A > 0. Beyond the
+    range on the other side of A, or with A = 0, the clip changes nothing. At the edge itself (eps = 0, ratio 1
+    exactly) nothing is cut. A one-token batch averages over its one token."""
+    ratio = torch.tensor([0.7, 0.7, 0.7, 1.1, 1.3, 1.3, 1.3, 1.0])
+    advantages = torch.tensor([-1.0, 0.0, 0.5, -1.0, 1.0, 0.0, -1.0, 1.0])
+    logp, mask = ratio.log()[:, None], torch.ones(8, 1)
+    args = dict(ref_logp=None, beta=0.0, loss_type="grpo", max_completion_length=1)
+    _, diagnostics = grpo_loss(logp, torch.zeros(8, 1), advantages=advantages, mask=mask, epsilon_low=0.2,
+                               epsilon_high=0.28, **args)
+    assert (diagnostics["clip/low_frac"], diagnostics["clip/high_frac"]) == (1 / 8, 1 / 8)
+    _, edge = grpo_loss(torch.zeros(2, 1), torch.zeros(2, 1), advantages=torch.tensor([-1.0, 1.0]), mask=torch.ones(2, 1),
+                        epsilon_low=0.0, epsilon_high=0.0, **args)
+    assert (edge["clip/low_frac"], edge["clip/high_frac"]) == (0.0, 0.0)
+    _, one = grpo_loss(logp[:1], torch.zeros(1, 1), advantages=advantages[:1], mask=mask[:1], epsilon_low=0.2,
+                       epsilon_high=0.28, **args)
+    assert one["ratio_mean"] == pytest.approx(0.7) and one["clip/low_frac"] == 1.0  # 0.7 up to float32 rounding
+
+
 def test_asymmetric_clip_range():
     # ratio e^0.3 = 1.35 on a token with A > 0: clipped by 1 + 0.2, not by 1 + 0.4
     args = dict(TWO_COMPLETIONS, ref_logp=None)
@@ -327,6 +353,18 @@ def naive_logps(model, input_ids, attention_mask, completion_length, temperature
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
     logits = logits[:, -completion_length - 1:-1] / temperature
     return logits.log_softmax(-1).gather(-1, input_ids[:, -completion_length:, None]).squeeze(-1)
+
+
+def test_log_probs_keep_no_vocabulary_sized_tensor_for_the_backward_pass(tiny):
+    """The vocabulary projection runs in chunks recomputed in backward: the autograd graph holds no [tokens, V]
+    logits, only each chunk's hidden states (a naive log_softmax would keep all B x T x V of them)."""
+    model, tokenizer = tiny
+    V = model.config.vocab_size
+    ids = torch.randint(3, V, (2, 12), generator=torch.Generator().manual_seed(0))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        per_token_logps(model, ids, torch.ones_like(ids), 6, chunk_size=4)
+    assert saved and not [shape for shape in saved if shape[-1] == V and len(shape) >= 2 and shape[0] != V], saved
 
 
 @pytest.mark.parametrize("chunk_size, temperature, one_prompt", [(1024, 1.0, False), (5, 0.7, False), (5, 0.7, True)])
@@ -526,6 +564,16 @@ def test_sampling_draws_from_softmax_of_the_logits_over_the_temperature(lively, 
     assert statistic > df + 6 * (2 * df) ** 0.5, (statistic, df)
 
 
+def test_the_uniform_number_keeps_float64_resolution(monkeypatch):
+    """Token 0 has probability 1/2 + 2^-31 (float64 logits): a uniform number of 1/2 + 2^-30 lies past it, so the draw
+    is token 1; the same number in float32 rounds to 1/2 and would draw token 0. A token below float32's resolution
+    (2^-24) could otherwise never be drawn."""
+    monkeypatch.setattr(torch, "rand", lambda *shape, dtype=None, **kwargs: torch.full(shape, 0.5 + 2**-30, dtype=dtype))
+    p = 0.5 + 2**-31
+    logits = torch.tensor([[math.log(p), math.log(1 - p)]], dtype=torch.float64)
+    assert sample_tokens(logits, temperature=1.0).tolist() == [1]
+
+
 def test_a_uniform_number_of_zero_never_draws_a_token_of_probability_zero(monkeypatch):
     """torch.rand can return exactly 0. The draw is the first token whose CDF exceeds u (searchsorted's
     right=True), so u = 0 gives the first token of positive probability, never token 0 when its probability is 0."""
@@ -568,6 +616,8 @@ def test_a_models_generation_config_does_not_reach_sampling(lively):
     ("\u22127", -7.0), ("\u22121.5e\u22122", -0.015), ("pages 5-10", 10.0), ("x-3", 3.0),
     # unreadable: commas not in groups of three, a zero denominator, a number of 101+ characters
     ("1,0000", None), ("1,2,3", None), ("1/0", None), ("1" * 101, None), ("5.5.5", None),
+    # letters after the last digit are not part of it; a grouped number with an exponent
+    ("7 Xmas trees", 7.0), ("1,000e3", 1e6), ("1,000E3", 1e6),
 ])
 def test_parse_number(text, expected):
     assert parse_number(text) == expected
@@ -588,6 +638,13 @@ def test_extract_gold_answer():
     assert extract_gold_answer("#### 1,000") == "1000"
     assert extract_gold_answer("a #### b #### 42 ") == "42"
     assert extract_gold_answer("7") == "7"
+    assert extract_gold_answer("2 + 10 = 12####12") == "12"  # no space around the marks
+
+
+def test_the_answer_block_is_the_last_one_that_closes():
+    assert extract_answer("<answer>5</answer> then <answer>7") == "5"  # the unclosed one after it is not read
+    assert extract_answer("<answer>5</answer><answer>6</answer>") == "6"
+    assert answer_reward([None, "<answer>3</answer>"], ["3", "3"]) == [0.0, 1.0]  # a non-text completion scores 0
 
 
 def test_answer_reward():
@@ -728,7 +785,9 @@ def test_a_hub_dataset_is_asked_for_by_id_configuration_and_split(monkeypatch, t
     monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: asked.append((args, kwargs)) or rows)
     assert rewards.load_dataset_rows("openai/gsm8k", "test")[0]["answer"] == "3"
     rewards.load_dataset_rows("someone/data", "train", "other")
-    assert asked == [(("openai/gsm8k", "main"), {"split": "test"}), (("someone/data", "other"), {"split": "train"})]
+    rewards.load_question_answer_rows("openai/gsm8k", "train")  # its own default configuration too
+    assert asked == [(("openai/gsm8k", "main"), {"split": "test"}), (("someone/data", "other"), {"split": "train"}),
+                     (("openai/gsm8k", "main"), {"split": "train"})]
     file = write_jsonl(tmp_path / "one.jsonl", [{"question": "Q?", "answer": "#### 3"}])
     monkeypatch.undo()
     rewards.load_dataset_rows(str(file), "train")
@@ -736,6 +795,18 @@ def test_a_hub_dataset_is_asked_for_by_id_configuration_and_split(monkeypatch, t
     rewards.load_dataset_rows(str(file), "test")
     assert capsys.readouterr().out == (f"note: --dataset {str(file)!r} is one file: evaluation uses questions it "
                                        "trains on.\n")
+
+
+def test_the_default_prompt_and_task_are_the_ones_documented():
+    """A prompt is the system prompt, the worked example, then the question; the default task is a + b up to 49
+    in seed 0's order, and arithmetic_problems gives the training problems unless asked for the held-out ones."""
+    prompt = rewards.make_prompt("Q?")
+    assert prompt == [{"role": "system", "content": rewards.SYSTEM_PROMPT}, *rewards.EXAMPLE_TURN,
+                      {"role": "user", "content": "Q?"}]
+    rows = rewards.load_dataset_rows("arithmetic", "train")
+    assert rows == rewards.load_dataset_rows("arithmetic", "train", "main", 49, 0, True)
+    assert rows[0]["prompt"] == rewards.make_prompt(rows[0]["question"])  # with the worked example
+    assert rewards.arithmetic_problems(9, 0) == rewards.arithmetic_problems(9, 0, held_out=False)
 
 
 def test_arithmetic_task_holds_out_distinct_problems_never_trained_on():
@@ -1037,6 +1108,11 @@ def test_a_chat_template_without_a_system_role_is_a_clear_error(tiny_model_dir, 
         grpo.load_tokenizer(str(no_system))
     assert str(error.value) == (f"--model {str(no_system)!r}: its chat template cannot format a system prompt and a "
                                 "question (System role not supported). Use another chat model.")
+    # The check formats as sampling does, with the assistant's turn opened: a template failing only there is caught.
+    tokenizer.chat_template = "{% if add_generation_prompt %}{{ raise_exception('no reply turn') }}{% endif %}"
+    tokenizer.save_pretrained(no_system)
+    with pytest.raises(ConfigError, match=r"\(no reply turn\)"):
+        grpo.load_tokenizer(str(no_system))
 
 
 @pytest.mark.parametrize("family, plain, transformed", [
