@@ -6,7 +6,9 @@ fails on "survives". Too slow for CI; run it by hand (pip install mutmut):
     python bench/mutation.py --out /tmp/mutation            # the whole run
     python bench/mutation.py --out /tmp/mutation --functions group_advantages,kl_estimate
 
-It works on a copy in --out: the files the tests need, a pyproject.toml with mutmut's settings,
+It works on a copy in --out: the files the tests need, a pyproject.toml with mutmut's settings
+(workers forked from a server that has not run torch, one thread each: torch is not fork-safe once
+its threads have started, and mutmut's default isolation crashed most of per_token_logps's mutants),
 and "# pragma: no mutate" around every grpo.py function that is not one of FORMULAS (the loop,
 loading, logging: their behaviour is tested end to end, not formula by formula). The tests run
 are test_grpo.py without its end-to-end runs (END_TO_END: the notebook, the TRL and verl runners,
