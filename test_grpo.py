@@ -564,6 +564,14 @@ def test_sampling_draws_from_softmax_of_the_logits_over_the_temperature(lively, 
     assert statistic > df + 6 * (2 * df) ** 0.5, (statistic, df)
 
 
+def test_sampling_and_the_mask_make_their_tensors_on_their_inputs_device():
+    """On torch's meta device (shapes, no data): a tensor made on the CPU beside a GPU's would fail there, and here."""
+    ids = torch.zeros(3, 5, dtype=torch.long, device="meta")
+    assert completion_mask(ids, [1, 2]).device.type == "meta"
+    for temperature in (1.0, 0.0):
+        assert sample_tokens(torch.zeros(3, 7, device="meta"), temperature).device.type == "meta"
+
+
 def test_the_uniform_number_keeps_float64_resolution(monkeypatch):
     """Token 0 has probability 1/2 + 2^-31 (float64 logits): a uniform number of 1/2 + 2^-30 lies past it, so the draw
     is token 1; the same number in float32 rounds to 1/2 and would draw token 0. A token below float32's resolution
