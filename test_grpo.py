@@ -19,8 +19,9 @@ import warnings
 from dataclasses import fields, replace
 from pathlib import Path
 
-import pytest
-import torch
+os.environ["HF_HUB_OFFLINE"] = "1"  # before huggingface_hub reads it (at import): the tests never touch the Hub
+import pytest  # noqa: E402
+import torch  # noqa: E402
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -31,7 +32,6 @@ from grpo import (Config, ConfigError, completion_mask, generate_completions, gr
 from rewards import (TAGS, answer_reward, extract_answer, extract_gold_answer, format_reward, parse_number)
 
 HERE = Path(__file__).parent
-os.environ["HF_HUB_OFFLINE"] = "1"  # the tests never touch the Hub, and say so loudly if they try
 
 # ---------------------------------------------------------------------------------------------
 # A tiny chat model, built locally: word-level tokenizer + 2-layer Llama with random weights.
