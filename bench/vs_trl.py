@@ -101,7 +101,7 @@ def run_trl(args) -> dict:
             num_generations=G, max_completion_length=MAX_NEW_TOKENS, temperature=1.0, top_p=1.0, top_k=0,
             beta=BETA, num_iterations=1, epsilon=0.2, loss_type="grpo", scale_rewards="group",
             reward_weights=[FORMAT_WEIGHT, ANSWER_WEIGHT], learning_rate=LR, lr_scheduler_type="constant",
-            weight_decay=0.0, max_grad_norm=1.0, gradient_checkpointing=False, shuffle_dataset=False,
+            weight_decay=0.0, max_grad_norm=1.0, activation_checkpointing=False, shuffle_dataset=False,
             max_steps=args.warmup + args.steps, logging_steps=1, save_strategy="no", report_to="none",
             dataloader_num_workers=0,
         )
