@@ -63,8 +63,9 @@ def main():
 
     warm = {name: per_step(name, batches[0]) for name in paths}  # the compiled one compiles
     steps = warm["eager"][1].completion_ids.shape[1]
-    print(f"compile time: {(warm['compiled'][0] - warm['eager'][0]) * steps:.1f} s (the first "
-          f"compiled call less an eager one, {steps} steps)", flush=True)
+    compile_s = (warm["compiled"][0] - warm["eager"][0]) * steps
+    print(f"compile time: {compile_s:.1f} s (the first compiled call less an eager one, "
+          f"{steps} steps)", flush=True)
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     times, differ = {name: [] for name in paths}, 0
     for prompts in batches[1:]:
@@ -77,17 +78,16 @@ def main():
         eager, fast = (outs[name].completion_ids for name in paths)
         differ += (eager.shape != fast.shape) or int((eager != fast).any(dim=1).sum())
     eager, compiled = (statistics.median(times[name]) for name in paths)
+    compilations = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     print(f"\n{args.questions * args.generations} rows, {device}, {args.precision}: median ms per "
           f"decoding step: eager {1000 * eager:.1f}, compiled {1000 * compiled:.1f}; compiled / "
           f"eager = {compiled / eager:.2f}; rows whose tokens differ: {differ}; compilations: "
-          f"{graphs} at the first call, {torch._dynamo.utils.counters['stats']['unique_graphs']} "
-          "in all")
+          f"{graphs} at the first call, {compilations} in all")
     if args.json:
         Path(args.json).write_text(json.dumps({
             "rows": args.questions * args.generations, "eager_ms": round(1000 * eager, 2),
             "compiled_ms": round(1000 * compiled, 2), "rows_differ": differ,
-            "compile_s": round((warm["compiled"][0] - warm["eager"][0]) * steps, 1),
-            "compilations": torch._dynamo.utils.counters["stats"]["unique_graphs"]}))
+            "compile_s": round(compile_s, 1), "compilations": compilations}))
     if args.profile:
         with torch.profiler.profile() as profile:
             grpo.generate_completions(model, tokenizer, batches[0], args.generations, args.tokens,
