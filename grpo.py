@@ -33,6 +33,7 @@ Shapes: B = P*G completions, Tp prompt and T completion tokens, H hidden size, V
 
 import argparse
 import functools
+import importlib.util
 import inspect
 import json
 import re
@@ -41,7 +42,7 @@ import signal
 import sys
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -89,7 +90,7 @@ class Config:
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory
     precision: str = "auto"  # fp32, or bf16 autocast over fp32 weights; auto: bf16 on GPUs with it
     logp_chunk_size: int = 1024  # tokens per chunk of the vocabulary projection (log-probs)
-    compile: bool = False  # compile the decoding step (torch.compile; CUDA graphs on CUDA)
+    compile: bool | None = None  # compile the decoding step; unset: on CUDA GPUs with Triton
     device: str = "auto"  # cuda, mps or cpu; auto picks the first available
     seed: int = 0  # seed for data order, sampling and the arithmetic task
     lora_r: int = 0  # LoRA rank (pip install peft); 0 = full fine-tuning
@@ -357,6 +358,7 @@ def train(cfg: Config) -> dict:
     check_config(cfg)
     check_output_dir(cfg)
     output_dir, device = Path(cfg.output_dir), pick_device(cfg.device)
+    cfg = replace(cfg, compile=compiles_by_default(device) if cfg.compile is None else cfg.compile)
     autocast = autocast_for(device, cfg.precision)
     torch.manual_seed(cfg.seed)
     quiet_libraries()
@@ -429,13 +431,12 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 def parse_args(argv: list[str] | None = None) -> Config:
-    """Every Config field is a flag, and the comment after it is its help."""
     docs = {name: text.replace("%", "%%") for name, text in  # argparse formats % in help
             re.findall(r"^    (\w+): .+?  # (.+)$", inspect.getsource(Config), re.MULTILINE)}
     parser = argparse.ArgumentParser(description="GRPO on GSM8K in one file.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in fields(Config):
-        kind = (dict(action=argparse.BooleanOptionalAction) if isinstance(f.default, bool)
+        kind = (dict(action=argparse.BooleanOptionalAction) if "bool" in str(f.type)
                 else dict(type=type(f.default)))
         parser.add_argument(flag(f.name), default=f.default, help=docs[f.name], **kind)
     return Config(**vars(parser.parse_args(argv)))
@@ -487,6 +488,7 @@ def check_output_dir(cfg: Config) -> None:
 
 # ---- Devices, precision, time and memory, the compiled decoding step ----------------------------
 GPUS = {"cuda": torch.cuda, "mps": torch.mps}  # each with is_available and its random state
+NO_FLOAT64 = {"mps"}  # devices without float64: sample_tokens draws there with torch.multinomial
 
 def pick_device(name: str) -> torch.device:
     found = [kind for kind, gpu in GPUS.items() if gpu.is_available()] + ["cpu"]
@@ -522,8 +524,6 @@ def peak_memory_mb(device: torch.device) -> float:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, else KiB
 
-NO_FLOAT64 = {"mps"}  # devices without float64: sample_tokens draws there with torch.multinomial
-
 def compiled_decoding(model, cache, attention_mask: torch.Tensor, bucket: int = 256):
     """The prompts' cache copied into a static one of L >= Tp + T slots (a multiple of `bucket`),
     the mask padded to L, and the decoder compiled: each step of B rows has the same shapes."""
@@ -540,6 +540,10 @@ def compiled_decoding(model, cache, attention_mask: torch.Tensor, bucket: int = 
 def compiled_decoder(model):
     mode = "reduce-overhead" if next(model.parameters()).is_cuda else None
     return torch.compile(model.get_decoder(), mode=mode, dynamic=False), {}  # new shape: compiled
+
+def compiles_by_default(device: torch.device) -> bool:  # where it is faster: bench/README.md
+    return device.type == "cuda" and importlib.util.find_spec("triton") is not None and \
+        torch.cuda.get_device_capability(device) >= (7, 0)  # Triton's GPUs: V100 and later
 
 # ---- Tokenizer, models, LoRA --------------------------------------------------------------------
 def load_tokenizer(name: str, trust_remote_code: bool = False):
@@ -605,9 +609,8 @@ def load_policy_and_reference(cfg: Config, device: torch.device,
     policy = load_model(weights, device, trust_remote_code=remote)
     if cfg.lora_r:  # the base model, then its adapter: new, or the checkpoint's
         policy = add_lora(policy, cfg, checkpoint_dir)
-    if cfg.beta > 0 and not cfg.lora_r:
+    if cfg.beta > 0 and not cfg.lora_r:  # fp32: in bf16 the step-0 KL is 1.4e-3, not 0
         synced = checkpoint_dir is not None and cfg.ref_sync_every
-        # fp32 as the policy: bf16 weights make the step-0 KL 1.4e-3, not 0 (bench/README.md)
         reference = load_model(str(checkpoint_dir / "reference" if synced else cfg.model), device,
                                trust_remote_code=remote).eval().requires_grad_(False)
     checkpointed = [m for m in (policy, reference) if m is not None and cfg.gradient_checkpointing]
@@ -668,7 +671,6 @@ def resume_run(cfg: Config, checkpoint_dir: Path | None, optimizer) -> tuple[int
 def until_ctrl_c(steps):
     """Yield `steps`; Ctrl-C only sets a flag, read between steps (twice: stop now, unsaved)."""
     pressed = []
-
     def on_ctrl_c(signum, frame):
         if pressed:
             raise SystemExit("\nstopped without saving; --resume goes on from the last checkpoint")
@@ -721,7 +723,7 @@ def step_metrics(rollout: Rollout, rewards, components, group_size: int, loss: f
     """One line of metrics.jsonl (README: Reading the metrics)."""
     lengths = rollout.completion_mask.sum(dim=1).float()  # [B]
     grouped = rewards.view(-1, group_size)  # [P, G]
-    tokens = sum(n for n, _ in diagnostics)
+    tokens = sum(n for n, _ in diagnostics)  # token-weighted means below: micro-batches, mu passes
     parts = {"total": rewards, **components}
     return {
         **{f"reward/{name}": r.mean().item() for name, r in parts.items()},
@@ -732,7 +734,6 @@ def step_metrics(rollout: Rollout, rewards, components, group_size: int, loss: f
         "completion/len_mean": lengths.mean().item(), "completion/len_max": lengths.max().item(),
         "completion/truncated_frac": rollout.truncated.float().mean().item(),
         "loss": loss, "grad_norm": grad_norm.item(), "lr": optimizer.param_groups[0]["lr"],
-        # token-weighted means over the micro-batches (and the mu passes)
         **{key: sum(n * d[key] for n, d in diagnostics) / tokens for key in diagnostics[0][1]},
         "memory/peak_mb": peak_memory_mb(device)}
 
@@ -775,13 +776,12 @@ def plot_curves(metrics_path: Path, out_path: Path) -> None:
         return
     panels = {"reward/total": "mean reward", "accuracy format_rate": "accuracy, strict format rate",
               "kl": "KL(policy || reference)", "completion/len_mean": "mean completion length"}
-    fig = Figure(figsize=(9, 6), dpi=80)
+    fig = Figure(figsize=(9, 6), dpi=80, layout="tight")
     for ax, (keys, title) in zip(fig.subplots(2, 2).flat, panels.items()):
         for key in keys.split():
             ax.plot([r["step"] for r in records], [r.get(key) for r in records], label=key)
         ax.set(title=title, xlabel="step")
         ax.legend()
-    fig.tight_layout()
     fig.savefig(out_path)
 
 def quiet_libraries() -> None:  # one progress bar, ours: no per-file bars from the libraries

@@ -533,6 +533,28 @@ def test_the_compiled_decoding_step_draws_the_eager_loops_tokens_and_compiles_on
         model.generation_config.eos_token_id = tokenizer.eos_token_id
 
 
+@pytest.mark.parametrize("triton, capability, expected", [
+    (True, (9, 0), True),  # H100: decoding 5x faster compiled (bench/README.md)
+    (True, (7, 0), True),  # V100, Triton's oldest
+    (True, (6, 0), False),  # P100: Triton cannot compile for it
+    (False, (9, 0), False),  # no Triton (torch's CUDA wheels on Windows): torch.compile fails
+])
+def test_compile_unset_is_on_for_cuda_gpus_that_triton_compiles_for(monkeypatch, triton, capability, expected):
+    real_find_spec = grpo.importlib.util.find_spec
+    monkeypatch.setattr(grpo.importlib.util, "find_spec", lambda name: (
+        (object() if triton else None) if name == "triton" else real_find_spec(name)))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert grpo.compiles_by_default(torch.device("cuda")) is expected
+    assert not grpo.compiles_by_default(torch.device("cpu"))  # slower on CPUs; MPS untried
+    assert not grpo.compiles_by_default(torch.device("mps"))
+
+
+def test_compile_unset_is_settled_by_train_before_anything_uses_it(tiny_model_dir, tmp_path):
+    assert [grpo.parse_args(flags).compile for flags in ([], ["--compile"], ["--no-compile"])] == [None, True, False]
+    cfg = tiny_config(tiny_model_dir, tmp_path, max_steps=1, eval_size=0)
+    assert cfg.compile is None and grpo.train(cfg)["config"]["compile"] is False  # on a CPU: off
+
+
 def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> tuple[float, int]:
     """Pearson's statistic and its degrees of freedom, the cells expected under 5 times pooled."""
     expected = counts.sum() * probs
@@ -1394,7 +1416,8 @@ def test_precision_auto_is_bf16_only_on_gpus_that_compute_in_bf16(monkeypatch, n
                         lambda including_emulation=True: native_bf16 or (including_emulation and emulated_bf16))
     autocast = grpo.autocast_for(torch.device("cuda"), "auto")
     assert getattr(autocast, "fast_dtype", None) == expected
-    assert getattr(grpo.autocast_for(torch.device("cuda"), "bf16"), "fast_dtype", None) == torch.bfloat16  # asked for
+    if native_bf16 or emulated_bf16:  # asked for; on a real GPU with no bf16 at all torch refuses it
+        assert getattr(grpo.autocast_for(torch.device("cuda"), "bf16"), "fast_dtype", None) == torch.bfloat16
     assert getattr(grpo.autocast_for(torch.device("cpu"), "auto"), "fast_dtype", None) is None
 
 
