@@ -62,7 +62,8 @@ default_run.write_random_model('$WORK/model', '$TOKENIZER')"
             --dataset arithmetic --output-dir "$WORK/c_$mode" "${STEP[@]}" "${flag[@]}"
         cp "$WORK/c_$mode/metrics.jsonl" "$LOGS/c_steps_$mode.metrics.jsonl" 2>/dev/null
     done
-    for name in fp32 fp32_checkpointing fp32_lora16 fp32_checkpointing_lora16; do
+    MEMORY=(fp32 fp32_checkpointing fp32_lora16 fp32_checkpointing_lora16)  # (d)'s runs
+    for name in "${MEMORY[@]}"; do
         extra=(); [[ $name == *checkpointing* ]] && extra=(--gradient-checkpointing)
         [[ $name == *lora16 ]] && extra+=(--lora-r 16 --learning-rate 1e-5)
         part "d_$name" $PY bench/default_run.py "$TOKENIZER" --max-steps 2 --eval-size 0 \
@@ -70,7 +71,7 @@ default_run.write_random_model('$WORK/model', '$TOKENIZER')"
             "${extra[@]}" &
     done
     wait
-    for name in fp32 fp32_checkpointing fp32_lora16 fp32_checkpointing_lora16; do
+    for name in "${MEMORY[@]}"; do
         cp "$WORK/d_$name/metrics.jsonl" "$LOGS/d_$name.metrics.jsonl" 2>/dev/null; done
 fi
 [[ $MODE != "" ]] && part a_tests $PY -m pytest -q -p no:cacheprovider test_grpo.py "${TESTS[@]}"
@@ -105,10 +106,9 @@ for mode in ("eager", "compiled"):
         steps, peak, _ = run(f"c_steps_{mode}")
         print(f"| (c) default steps, {mode} | s per step {steps or 'failed: c_steps_%s.log' % mode}; "
               f"peak {peak} MB |")
-for name in ("fp32", "fp32_checkpointing", "fp32_lora16", "fp32_checkpointing_lora16"):
-    if read(f"d_{name}.log"):
-        _, peak, by_step = run(f"d_{name}")
-        print(f"| (d) two steps, {name} | peak {peak} MB (after step 1, 2: {by_step or 'failed'}) |")
+for log in sorted(logs.glob("d_*.log")):  # (d)'s runs
+    _, peak, by_step = run(log.stem)
+    print(f"| (d) two steps, {log.stem[2:]} | peak {peak} MB (after step 1, 2: {by_step or 'failed'}) |")
 EOF
 tar czf "$OUT/logs.tgz" -C "$LOGS" . 2>/dev/null
 rm -rf "$WORK"
