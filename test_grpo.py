@@ -1712,6 +1712,7 @@ def test_trl_runner_maps_lora_and_splits_the_batch_over_processes(tmp_path):
     ("--weight-decay 0.1", "--weight-decay 0.1: TRL's Trainer does not decay biases and norm weights"),
     ("--use-vllm", "--use-vllm: vllm is not installed. pip install vllm"),
     ("--logp-chunk-size 256", "--logp-chunk-size 256: TRL computes log-probs its own way"),
+    ("--compile", "--compile True: TRL samples with its own generate()"),
     ("--prompts-per-step 2 --num-generations 4 --micro-batch-size 3", "--micro-batch-size 3: TRL splits"),
 ])
 def test_trl_runner_refuses_what_trl_cannot_do_before_loading_a_model(tmp_path, monkeypatch, flags, message):
@@ -1720,6 +1721,11 @@ def test_trl_runner_refuses_what_trl_cannot_do_before_loading_a_model(tmp_path, 
     monkeypatch.setattr(grpo, "load_tokenizer", lambda *a: pytest.fail("a model was loaded"))
     with pytest.raises(SystemExit, match=re.escape(message)):
         trl_grpo.main([*flags.split(), "--dataset", "arithmetic", "--output-dir", str(tmp_path / "run")])
+
+
+def test_trl_runner_takes_no_compile_which_asks_nothing_of_trl(tmp_path):
+    trl_grpo = load_scale_module("scale/trl_grpo.py")
+    assert trl_grpo.refusals(grpo.parse_args(["--no-compile", "--output-dir", str(tmp_path / "run")])) == []
 
 
 def test_trl_runner_maps_use_vllm_to_colocated_vllm(tmp_path):

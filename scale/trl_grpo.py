@@ -32,7 +32,7 @@ import rewards  # noqa: E402
 # mean over sequences of each one's token mean, `dapo` the token mean over the whole batch (TRL's
 # `bnpo` divides by each micro-batch's own tokens), `dr_grpo` the token sum over (B x L).
 LOSS_TYPES = {"grpo": "grpo", "dapo": "dapo", "bnpo": "dapo", "dr_grpo": "dr_grpo"}
-# Flags that TRL has no equivalent for: refused unless left at grpo.py's default.
+# Flags that TRL has no equivalent for: refused when set (`--no-compile` asks nothing of TRL).
 NO_TRL_EQUIVALENT = {
     "logp_chunk_size": "TRL computes log-probs its own way",
     "compile": "TRL samples with its own generate() (or vLLM: --use-vllm), not grpo.py's loop",
@@ -46,9 +46,9 @@ TRL_KL_ESTIMATORS = ("k3", "k3_ratio")
 def refusals(cfg: grpo.Config, num_processes: int = 1, use_vllm: bool = False) -> list[str]:
     """What TRL cannot do as asked, one message per flag; empty when everything maps."""
     default = grpo.Config()
-    messages = [f"{grpo.flag(name)} {getattr(cfg, name)!r}: {why}; drop the flag to use "
-                f"{getattr(default, name)!r}." for name, why in NO_TRL_EQUIVALENT.items()
-                if getattr(cfg, name) != getattr(default, name)]
+    messages = [f"{grpo.flag(name)} {getattr(cfg, name)!r}: {why}; drop the flag."
+                for name, why in NO_TRL_EQUIVALENT.items()
+                if getattr(cfg, name) not in (getattr(default, name), False)]
     if cfg.kl_estimator not in TRL_KL_ESTIMATORS:
         messages.append(f"--kl-estimator {cfg.kl_estimator!r}: TRL estimates the KL with k3 only, "
                         f"with or without the ratio; use one of {', '.join(TRL_KL_ESTIMATORS)}.")
