@@ -18,6 +18,7 @@ grpo.py sums them with weights from its config and logs each one on its own.
 Nothing here raises on odd text: a completion that cannot be read scores 0.
 """
 
+import json
 import random
 import re
 from pathlib import Path
@@ -216,22 +217,40 @@ def load_question_answer_rows(source: str, split: str, dataset_config: str = "ma
         if not path.exists():
             raise ConfigError(f"--dataset folder {source!r} has no {split}.jsonl; it needs "
                               "train.jsonl and test.jsonl.")
-    local = path.is_file()
-    if local and path.stat().st_size == 0:
-        raise ConfigError(f"--dataset file {str(path)!r} is empty; it needs rows with "
-                          "'question' and 'answer'.")
+    if path.is_file():
+        return read_question_answer_lines(path)
     try:
-        raw = (load_dataset("json", data_files=str(path), split="train") if local
-               else load_dataset(source, dataset_config, split=split))
+        raw = load_dataset(source, dataset_config, split=split)
     except (OSError, ValueError, DatasetsError) as error:
-        if local:  # datasets keeps the parse error itself in __cause__
-            raise ConfigError(f"--dataset file {str(path)!r} is not JSON lines ("
-                              f"{error.__cause__ or error}); write one JSON object per line, "
-                              "with 'question' and 'answer'.") from None
         raise ConfigError(f"--dataset {source!r} cannot be loaded ({error}). Check the id, "
-                          "--dataset-config and the network, or pass a local file.") from None
+                          "--dataset-config and the network; without the Hub: --dataset "
+                          "arithmetic or a local JSON-lines file.") from None
     missing = {"question", "answer"} - set(raw.column_names)
     if missing:
         raise ConfigError(f"--dataset {source!r} lacks the key(s) {sorted(missing)}; each row "
                           "needs 'question' and 'answer'.")
     return raw
+
+
+def read_question_answer_lines(path: Path) -> list[dict]:
+    """The rows of a JSON-lines file, each with "question" and "answer"; a bad line is named by
+    its number (from 1, as an editor shows it)."""
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"--dataset file {str(path)!r}, line {number}, is not JSON "
+                              f"({error}); write one JSON object per line, with 'question' "
+                              "and 'answer'.") from None
+        missing = {"question", "answer"} - set(row if isinstance(row, dict) else ())
+        if missing:
+            raise ConfigError(f"--dataset file {str(path)!r}, line {number}, lacks the key(s) "
+                              f"{sorted(missing)}; each row needs 'question' and 'answer'.")
+        rows.append(row)
+    if not rows:
+        raise ConfigError(f"--dataset file {str(path)!r} is empty; it needs rows with "
+                          "'question' and 'answer'.")
+    return rows
