@@ -34,7 +34,6 @@ Shapes: B = P*G completions, Tp prompt and T completion tokens, H hidden size, V
 import argparse
 import functools
 import importlib.util
-import inspect
 import json
 import re
 import shutil
@@ -163,8 +162,11 @@ def sample_tokens(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     if temperature == 0:
         return logits.argmax(dim=-1)  # [B]
     probs = torch.softmax(logits / temperature, dim=-1)  # [B, V]
-    if probs.device.type in NO_FLOAT64:  # MPS: torch's own draw, exact in float32
-        return torch.multinomial(probs, 1).squeeze(-1)
+    if probs.device.type in NO_FLOAT64:  # MPS: torch's own draw in float32, redrawn where MPS
+        tokens = torch.multinomial(probs, 1).squeeze(-1)  # [B]  drew a token of probability 0
+        while (wrong := probs.gather(-1, tokens[:, None]).squeeze(-1) == 0).any():  # pytorch#192577
+            tokens[wrong] = torch.multinomial(probs[wrong], 1).squeeze(-1)
+        return tokens
     cdf = probs.double().cumsum(dim=-1)  # [B, V]; in float32 a sum of 150k would drift too far
     u = torch.rand(len(cdf), 1, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]  # [B, 1]
     return torch.searchsorted(cdf, u, right=True).squeeze(-1)  # [B] first index with cdf > u
@@ -356,9 +358,9 @@ def grpo_step(policy, reference, tokenizer, optimizer, rows: list[dict], cfg: Co
 def train(cfg: Config) -> dict:
     """Run GRPO as configured (the paper's Algorithm 1, one outer iteration); return results."""
     check_config(cfg)
-    check_output_dir(cfg)
     output_dir, device = Path(cfg.output_dir), pick_device(cfg.device)
     cfg = replace(cfg, compile=compiles_by_default(device) if cfg.compile is None else cfg.compile)
+    check_output_dir(cfg)
     autocast = autocast_for(device, cfg.precision)
     torch.manual_seed(cfg.seed)
     quiet_libraries()
@@ -385,8 +387,7 @@ def train(cfg: Config) -> dict:
                                                      cfg, autocast)
             log_step(output_dir, step + 1, metrics, bar)
             completed = step + 1  # the weights hold this update
-            if cfg.log_samples_every and completed % cfg.log_samples_every == 0:
-                log_samples(output_dir, completed, rows[0], rollout.texts, rewards)
+            log_samples(cfg, completed, rows[0], rollout.texts, rewards)  # every N steps, the last
             if cfg.ref_sync_every and reference is not None and completed % cfg.ref_sync_every == 0:
                 reference.load_state_dict(policy.state_dict())  # iterative GRPO: catch up
             if cfg.save_every and completed % cfg.save_every == 0:
@@ -401,13 +402,14 @@ def train(cfg: Config) -> dict:
         results["after"] = evaluate(policy, tokenizer, *evaluation)
         print(f"after training: {results['after']}")
     results["steps"] = cfg.max_steps
+    compiled_decoder.cache_clear()  # the compiled decoding step and its caches: freed
     return write_results(cfg, results)
 
 def evaluate(model, tokenizer, rows: list[dict], batch_size: int = 32,
              max_completion_length: int = 512, autocast=nullcontext(), compiled=False) -> dict:
     """Greedy accuracy (answer reward = 1) and format rate (strict format) on `rows`."""
     correct, formatted = 0, 0
-    for i in range(0, len(rows), batch_size):
+    for i in tqdm(range(0, len(rows), batch_size), "evaluating", disable=None, leave=False):
         batch = rows[i:i + batch_size]
         texts = generate_completions(model, tokenizer, [r["prompt"] for r in batch], 1,
                                      max_completion_length, 0.0, autocast, compiled).texts
@@ -419,7 +421,7 @@ def evaluate(model, tokenizer, rows: list[dict], batch_size: int = 32,
 # ==== Part 2: Machinery (flags, devices, loading, checkpoints, logs, main) ========================
 LOSS_TYPES, KL_ESTIMATORS = ("grpo", "dapo", "dr_grpo"), ("k1", "k2", "k3", "k3_ratio")
 # What --resume may change (length, step size, machine, memory, logs); the rest is the run's own.
-CHANGEABLE_ON_RESUME = ("max_steps", "resume", "output_dir", "learning_rate", "weight_decay",
+CHANGEABLE_ON_RESUME = ("resume", "max_steps", "output_dir", "learning_rate", "weight_decay",
     "max_grad_norm", "micro_batch_size", "gradient_checkpointing", "precision", "logp_chunk_size",
     "device", "compile", "trust_remote_code", "eval_batch_size", "log_samples_every", "save_every")
 
@@ -430,16 +432,34 @@ def require(ok: bool, message: str) -> None:
 def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
-def parse_args(argv: list[str] | None = None) -> Config:
+CHOICES = {"loss_type": (*LOSS_TYPES, "bnpo"), "kl_estimator": KL_ESTIMATORS,
+           "precision": ("auto", "fp32", "bf16"), "device": ("auto", "cuda", "mps", "cpu")}
+
+def flag_parser(prog: str = "grpo.py") -> argparse.ArgumentParser:
+    """Every Config field as a flag; one not typed stays out of the namespace (no default)."""
+    import inspect
     docs = {name: text.replace("%", "%%") for name, text in  # argparse formats % in help
             re.findall(r"^    (\w+): .+?  # (.+)$", inspect.getsource(Config), re.MULTILINE)}
-    parser = argparse.ArgumentParser(description="GRPO on GSM8K in one file.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(prog, description="GRPO in one file. Example, nothing from "
+        "the Hub: python grpo.py --model ./chat-model --dataset arithmetic --max-steps 80",
+        allow_abbrev=False, argument_default=argparse.SUPPRESS,
+        formatter_class=lambda prog: argparse.HelpFormatter(prog, width=100))  # LORA_TARGETS whole
+    parser._negative_number_matcher = re.compile(r"-\.?\d")  # "-1e-6" a value (as Python 3.13)
     for f in fields(Config):
         kind = (dict(action=argparse.BooleanOptionalAction) if "bool" in str(f.type)
-                else dict(type=type(f.default)))
-        parser.add_argument(flag(f.name), default=f.default, help=docs[f.name], **kind)
-    return Config(**vars(parser.parse_args(argv)))
+                else dict(type=type(f.default), choices=CHOICES.get(f.name)))
+        shown = ("on" if f.default else "off") if isinstance(f.default, bool) else f.default
+        shown = "unset" if f.default is None else shown
+        parser.add_argument(flag(f.name), help=f"{docs[f.name]} (default: {shown})", **kind)
+    return parser
+
+def parse_args(argv: list[str] | None = None, parser=None) -> Config:
+    """The flags typed as a Config; on --resume, those not typed keep the run's (not --compile)."""
+    typed = {name: value for name, value in vars((parser or flag_parser()).parse_args(argv)).items()
+             if name in Config.__dataclass_fields__}
+    run = run_config(Path(typed.get("output_dir", Config.output_dir))) if typed.get("resume") else 0
+    kept = {k: v for k, v in (run or {}).items() if k not in (*typed, "resume", "compile")}
+    return Config(**kept, **typed)
 
 def check_config(cfg: Config) -> None:
     """Fail at once, with the fix, on settings that would otherwise fail late or silently."""
@@ -456,35 +476,59 @@ def check_config(cfg: Config) -> None:
             "expectation on policy: it regularizes nothing. Use k3_ratio (the default), k3 or k2.")
     require(0 <= cfg.epsilon_low < 1 and cfg.epsilon_high >= 0, f"clip range [1 - "
             f"{cfg.epsilon_low}, 1 + {cfg.epsilon_high}]: use 0 <= epsilon-low < 1 <= 1 + high.")
-    for name, choices in (("loss_type", (*LOSS_TYPES, "bnpo")), ("kl_estimator", KL_ESTIMATORS),
-                          ("precision", ("auto", "fp32", "bf16")),
-                          ("device", ("auto", "cuda", "mps", "cpu"))):
+    for name, choices in CHOICES.items():
         require(getattr(cfg, name) in choices, f"{flag(name)} {getattr(cfg, name)!r} is "
                                                f"unknown; choose one of {', '.join(choices)}.")
     require(not (cfg.lora_r and cfg.ref_sync_every), "--ref-sync-every needs full fine-tuning: "
             "with LoRA the reference is the base model itself. Set one of them to 0.")
+    from_hub = []
     for name, what in (("model", "model folder"), ("dataset", "data file or folder")):
-        source = getattr(cfg, name)
+        source = getattr(cfg, name)  # a Hub id is "name" or "owner/name"; anything else, a path
         looks_local = source.startswith((".", "/", "~")) or source.endswith((".json", ".jsonl"))
-        require(Path(source).expanduser().exists() or not looks_local,
-                f"--{name} {source!r}: no such {what}. Check the path, or pass a Hub id.")
+        looks_local |= source.count("/") > 1 or "\\" in source
+        exists = Path(source).expanduser().exists()
+        require(exists or not looks_local, f"--{name} {source!r}: no such {what}. Check the "
+                                           "path, or pass a Hub id.")
+        from_hub += [] if exists or source == "arithmetic" else [f"--{name} {source}"]
+    import datasets, huggingface_hub, socket, urllib.parse  # noqa: E401
+    if from_hub and not huggingface_hub.constants.HF_HUB_OFFLINE:  # one quick look at the Hub
+        host = urllib.parse.urlsplit(huggingface_hub.constants.ENDPOINT).hostname
+        try:
+            socket.create_connection((host, 443), timeout=3).close()
+        except OSError:  # without it, the cache at once, as with HF_HUB_OFFLINE=1
+            huggingface_hub.constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
+            print(f"note: {host} cannot be reached: {', '.join(from_hub)} from the cache only. "
+                  "Without the Hub: --model ./folder, --dataset arithmetic or a JSON-lines file.")
+
+def run_config(output_dir: Path) -> dict | None:
+    """The settings of the run in output_dir: its latest checkpoint's, else results.json's."""
+    latest = latest_checkpoint(output_dir)
+    path = latest / "trainer_state.json" if latest else output_dir / "results.json"
+    return json.loads(path.read_text()).get("config") if path.exists() else None
 
 def check_output_dir(cfg: Config) -> None:
-    """A new run needs a fresh output_dir; --resume needs a checkpoint of the same run there."""
+    """A new run needs a fresh output_dir; --resume needs a run there, with the same settings but
+    for CHANGEABLE_ON_RESUME's (each change is printed). No checkpoint yet: step 0 again."""
     out, latest = Path(cfg.output_dir), latest_checkpoint(Path(cfg.output_dir))
-    if not cfg.resume:
-        return require(latest is None and not (out / "metrics.jsonl").exists(), f"{out} already "
-                       "holds a run. Pass --resume to continue it, or choose another --output-dir.")
-    require(latest is not None, f"--resume: no checkpoint-* folder in {out}. Drop --resume to "
-                                "start a new run there.")
-    state = json.loads((latest / "trainer_state.json").read_text())
-    require(cfg.max_steps > state["step"], f"--resume: the run in {out} is already at step "
-                                           f"{state['step']}; pass a larger --max-steps.")
-    differ = [f"{flag(name)} {value!r} (now {getattr(cfg, name)!r})"
-              for name, value in state["config"].items()
+    started = latest is not None or (out / "metrics.jsonl").exists()
+    again = " (no checkpoint yet: from step 0)" if latest is None else ""
+    require(cfg.resume or not started, f"{out} already holds a run. Pass --resume to continue it"
+                                       f"{again}, or choose another --output-dir.")
+    require(started or not cfg.resume, f"--resume: {out} holds no run (no checkpoint-*, no "
+                                       "metrics.jsonl). Drop --resume to start a new run there.")
+    run = (run_config(out) or {}) if cfg.resume else {}
+    step = json.loads((latest / "trainer_state.json").read_text())["step"] if latest else 0
+    require(cfg.max_steps > step, f"--resume: the run in {out} is already at step {step}; pass a "
+                                  "larger --max-steps.")
+    differ = [f"{flag(name)} {value!r} (now {getattr(cfg, name)!r})" for name, value in run.items()
               if name not in CHANGEABLE_ON_RESUME and value != getattr(cfg, name, value)]
     require(not differ, f"--resume: the run in {out} has {', '.join(differ)}. Pass the run's "
                         "own values, or choose another --output-dir for a new run.")
+    for name in CHANGEABLE_ON_RESUME[1:]:  # not "resume"
+        if run.get(name, getattr(cfg, name)) != getattr(cfg, name):
+            print(f"--resume: {flag(name)} {run[name]!r} -> {getattr(cfg, name)!r}")
+    if cfg.resume and latest is None:
+        print(f"--resume: {out} has no checkpoint yet: the run starts again from step 0")
 
 # ---- Devices, precision, time and memory, the compiled decoding step ----------------------------
 GPUS = {"cuda": torch.cuda, "mps": torch.mps}  # each with is_available and its random state
@@ -514,12 +558,12 @@ def timed(metrics: dict, key: str, device: torch.device):
     synchronize()
     metrics[key] = metrics.get(key, 0.0) + time.perf_counter() - start
 
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak memory: torch's on CUDA, none on MPS (NaN: no counter), else the process's resident."""
+def peak_memory_mb(device: torch.device) -> float | None:
+    """Peak memory: torch's on CUDA, none on MPS (no counter), else the process's resident."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
     if device.type == "mps" or sys.platform == "win32":  # no peak counter; no `resource`
-        return float("nan")
+        return None  # null in metrics.jsonl (NaN is no JSON)
     import resource
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, else KiB
@@ -527,19 +571,30 @@ def peak_memory_mb(device: torch.device) -> float:
 def compiled_decoding(model, cache, attention_mask: torch.Tensor, bucket: int = 256):
     """The prompts' cache copied into a static one of L >= Tp + T slots (a multiple of `bucket`),
     the mask padded to L, and the decoder compiled: each step of B rows has the same shapes."""
+    if any(layer.is_sliding for layer in cache.layers):  # its cache keeps a window, not the prompt
+        say_once("--compile: this model has sliding-window attention layers: decoding runs eager")
+        return cache, attention_mask, model.get_decoder()
     B, L = len(attention_mask), -(-attention_mask.shape[1] // bucket) * bucket
-    decoder, caches = compiled_decoder(model)  # kept: a CUDA graph holds its cache's tensors
-    static = caches.setdefault((B, L, cache.layers[0].keys.dtype), StaticCache(model.config, L))
+    decoder, caches, shapes = compiled_decoder(model)  # a CUDA graph holds its cache's tensors
+    for key in [key for key in caches if key[0] != B]:  # another batch size's (evaluation's, or
+        del caches[key]  # training's): freed, and made again if it comes back
+    key = (B, L, cache.layers[0].keys.dtype)
+    static = caches.setdefault(key, StaticCache(model.config, L))
+    shapes.add(key)
+    if len(shapes) > torch._dynamo.config.cache_size_limit:  # past it, dynamo runs it eager
+        say_once("--compile: more batch shapes than torch compiles for one function: decoding "
+                 "runs uncompiled, slower than --no-compile. Use --no-compile.")
     static.reset()
     for i, layer in enumerate(cache.layers):
         static.update(layer.keys, layer.values, i)
     mask = torch.nn.functional.pad(attention_mask, (0, L - attention_mask.shape[1]))  # [B, L]
     return static, mask, decoder
 
-@functools.cache  # once per model: on CUDA as CUDA graphs (one launch per step), and its caches
+@functools.cache  # once per model (train frees it): on CUDA as CUDA graphs (one launch per step)
 def compiled_decoder(model):
     mode = "reduce-overhead" if next(model.parameters()).is_cuda else None
-    return torch.compile(model.get_decoder(), mode=mode, dynamic=False), {}  # new shape: compiled
+    return torch.compile(model.get_decoder(), mode=mode, dynamic=False), {}, set()
+say_once = functools.cache(print)
 
 def compiles_by_default(device: torch.device) -> bool:  # where it is faster: bench/README.md
     return device.type == "cuda" and importlib.util.find_spec("triton") is not None and \
@@ -589,10 +644,12 @@ def add_lora(model, cfg: Config, adapter_dir: Path | None = None):
         from peft import LoraConfig, PeftModel, get_peft_model
     except ImportError:
         raise ConfigError("--lora-r needs the peft library: pip install peft") from None
-    if adapter_dir is not None:
-        return PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,  # one policy
                       target_modules=cfg.lora_target_modules.split(","), task_type="CAUSAL_LM")
+    import warnings  # peft reads an attribute that transformers 5 deprecates: not for our users
+    warnings.filterwarnings("ignore", "`is_gradient_checkpointing`", FutureWarning)
+    if adapter_dir is not None:
+        return PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
     try:
         return get_peft_model(model, lora)
     except ValueError as error:  # no module of the model has one of these names
@@ -606,13 +663,18 @@ def load_policy_and_reference(cfg: Config, device: torch.device,
     """The trainable policy (fp32) and the frozen reference (None if beta = 0 or with LoRA)."""
     remote, reference = cfg.trust_remote_code, None
     weights = cfg.model if cfg.lora_r or checkpoint_dir is None else str(checkpoint_dir)
+    low = cfg.lora_r and cfg.learning_rate == Config.learning_rate  # LoRA wants ~10x (README)
+    print(f"loading the policy: {weights}" + f", LoRA rank {cfg.lora_r}" * (cfg.lora_r > 0) + (
+          "; note: --learning-rate 1e-06 is full fine-tuning's, LoRA wants about 10x more" * low))
     policy = load_model(weights, device, trust_remote_code=remote)
     if cfg.lora_r:  # the base model, then its adapter: new, or the checkpoint's
         policy = add_lora(policy, cfg, checkpoint_dir)
     if cfg.beta > 0 and not cfg.lora_r:  # fp32: in bf16 the step-0 KL is 1.4e-3, not 0
         synced = checkpoint_dir is not None and cfg.ref_sync_every
-        reference = load_model(str(checkpoint_dir / "reference" if synced else cfg.model), device,
-                               trust_remote_code=remote).eval().requires_grad_(False)
+        weights = str(checkpoint_dir / "reference" if synced else cfg.model)
+        print(f"loading the reference: {weights}")
+        reference = load_model(weights, device, trust_remote_code=remote).eval()
+        reference.requires_grad_(False)
     checkpointed = [m for m in (policy, reference) if m is not None and cfg.gradient_checkpointing]
     for model in checkpointed:  # the reference too: its passes then compute as the policy's
         model.activation_checkpointing_enable({"use_reentrant": False})  # torch recommends it
@@ -647,33 +709,32 @@ def save_checkpoint(output_dir: Path, step: int, policy, reference, tokenizer, o
     return path
 
 def resume_run(cfg: Config, checkpoint_dir: Path | None, optimizer) -> tuple[int, dict]:
-    """(first step, results so far) from a checkpoint, dropping later logged steps; or (0, {})."""
-    output_dir = Path(cfg.output_dir)
+    """(first step, results so far) from a checkpoint, or (0, {}); later logged steps go."""
+    output_dir, step, results = Path(cfg.output_dir), 0, {}
     output_dir.mkdir(parents=True, exist_ok=True)
-    if checkpoint_dir is None:
-        return 0, {}
-    # map_location: a GPU's checkpoint resumes on a CPU too (AdamW's state follows the weights)
-    state = torch.load(checkpoint_dir / "trainer_state.pt", map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
-    for group in optimizer.param_groups:  # the saved state holds the old values; the flags win
-        group.update(lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    torch.set_rng_state(state["rng"]["torch"])
-    for kind, gpu in GPUS.items():  # a GPU's, where the run goes on on the same kind of GPU
-        if kind in state["rng"] and gpu.is_available():
-            gpu.set_rng_state(state["rng"][kind])
-    step = json.loads((checkpoint_dir / "trainer_state.json").read_text())["step"]
+    if checkpoint_dir is not None:  # map_location: a GPU's checkpoint resumes on a CPU too
+        state = torch.load(checkpoint_dir / "trainer_state.pt", "cpu", weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        for group in optimizer.param_groups:  # the saved state holds the old values; flags win
+            group.update(lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        torch.set_rng_state(state["rng"]["torch"])
+        for kind, gpu in GPUS.items():  # a GPU's, where the run goes on on the same kind of GPU
+            if kind in state["rng"] and gpu.is_available():
+                gpu.set_rng_state(state["rng"][kind])
+        step = json.loads((checkpoint_dir / "trainer_state.json").read_text())["step"]
+        results = json.loads((output_dir / "results.json").read_text())
+        print(f"resuming from {checkpoint_dir} at step {step}")
     for path in (output_dir / "metrics.jsonl", output_dir / "samples.jsonl"):  # to be run again
-        kept = [r for r in read_jsonl(path) if r["step"] <= step]
-        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    print(f"resuming from {checkpoint_dir} at step {step}")
-    return step, json.loads((output_dir / "results.json").read_text())
+        if path.exists():  # (no checkpoint: all of it)
+            append_jsonl(path, [r for r in read_jsonl(path) if r["step"] <= step], mode="w")
+    return step, results
 
 def until_ctrl_c(steps):
     """Yield `steps`; Ctrl-C only sets a flag, read between steps (twice: stop now, unsaved)."""
     pressed = []
     def on_ctrl_c(signum, frame):
         if pressed:
-            raise SystemExit("\nstopped without saving; --resume goes on from the last checkpoint")
+            raise SystemExit("\nstopped unsaved: --resume goes on from the last save, or step 0")
         pressed.append(signum)
         print("\nCtrl-C: saving when this step ends (Ctrl-C again: stop now, without saving)")
     previous = signal.signal(signal.SIGINT, on_ctrl_c)
@@ -689,9 +750,8 @@ def stop_run(output_dir: Path, completed: int, reason: BaseException, *to_save) 
     """Exit on a NaN (keeping the last good checkpoint) or on Ctrl-C (saving the steps done)."""
     if isinstance(reason, FloatingPointError):
         last = latest_checkpoint(output_dir)
-        sys.exit(f"step {completed + 1}: {reason} " + (
-            f"The last good checkpoint is {last}: continue from it with --resume." if last
-            else "No checkpoint was saved yet: start a new --output-dir."))
+        sys.exit(f"step {completed + 1}: {reason} --resume goes on from the last good checkpoint"
+                 f" ({last or 'none yet: step 0'}).")
     path = save_checkpoint(output_dir, completed, *to_save)
     plot_curves(output_dir / "metrics.jsonl", output_dir / "curves.png")
     sys.exit(f"\ninterrupted: saved {path}; continue with --resume --output-dir {output_dir}")
@@ -699,9 +759,6 @@ def stop_run(output_dir: Path, completed: int, reason: BaseException, *to_save) 
 # ---- Metrics, the silent failures, logs, plots, main --------------------------------------------
 PATIENCE, MOST, KL_LIMIT = 3, 0.5, 0.5  # steps in a row; a fraction of the batch; KL per token
 DIAGNOSTICS = {  # said once by log_step: name: (steps in a row, condition, what it means and to do)
-    "loss": (1, lambda m: True, "note: the loss is no score. At ratio 1 it is -Σ_i w_i Â_i "
-             "+ β KL: ~0 for grpo, a length-advantage correlation for dapo, dr_grpo. "
-             "Follow the rewards."),
     "truncated": (PATIENCE, lambda m: m["completion/truncated_frac"] > MOST, "most completions "
                   "end unfinished: raise --max-completion-length, or check the end-of-reply ids."),
     "equal_rewards": (PATIENCE, lambda m: m["groups/zero_std_frac"] > MOST, "most groups have "
@@ -741,8 +798,8 @@ def read_jsonl(path: Path) -> list[dict]:
     lines = path.read_text().splitlines() if path.exists() else []
     return [json.loads(line) for line in lines if line.strip()]
 
-def append_jsonl(path: Path, records: list[dict]) -> None:
-    with path.open("a") as f:
+def append_jsonl(path: Path, records: list[dict], mode: str = "a") -> None:
+    with path.open(mode) as f:
         f.write("".join(json.dumps(r) + "\n" for r in records))
 
 def log_step(output_dir: Path, step: int, metrics: dict, bar) -> None:
@@ -756,10 +813,11 @@ def log_step(output_dir: Path, step: int, metrics: dict, bar) -> None:
     bar.set_postfix(reward=f"{metrics['reward/total']:.3f}", acc=f"{metrics['accuracy']:.2f}",
                     kl=f"{metrics['kl']:.4f}", refresh=False)  # drawn at the bar's own pace
 
-def log_samples(output_dir: Path, step: int, row: dict, texts: list[str], rewards) -> None:
-    append_jsonl(output_dir / "samples.jsonl", [
-        {"step": step, "question": row["question"], "gold": row["answer"], "completion": texts[i],
-         "reward": rewards[i].item()} for i in range(min(2, len(texts)))])
+def log_samples(cfg: Config, step: int, row: dict, texts: list[str], rewards) -> None:
+    if cfg.log_samples_every and (step % cfg.log_samples_every == 0 or step == cfg.max_steps):
+        append_jsonl(Path(cfg.output_dir) / "samples.jsonl", [
+            {"step": step, "question": row["question"], "gold": row["answer"], "completion": text,
+             "reward": reward.item()} for text, reward in zip(texts[:2], rewards)])
 
 def write_results(cfg: Config, results: dict) -> dict:
     results["diagnostics"] = {name: f"step {m['step']}: {text}" for m in read_jsonl(
@@ -768,21 +826,24 @@ def write_results(cfg: Config, results: dict) -> dict:
     (Path(cfg.output_dir) / "results.json").write_text(json.dumps(results, indent=2))
     return results
 
-def plot_curves(metrics_path: Path, out_path: Path) -> None:
+def plot_curves(metrics_path: Path, out_path: Path):
     """Reward, accuracy and format rate, KL, completion length per step from metrics.jsonl."""
     from matplotlib.figure import Figure  # no pyplot: leaves a notebook's plotting backend alone
     records = read_jsonl(metrics_path)
     if not records:  # no step yet: no picture
-        return
-    panels = {"reward/total": "mean reward", "accuracy format_rate": "accuracy, strict format rate",
-              "kl": "KL(policy || reference)", "completion/len_mean": "mean completion length"}
+        return None
+    panels = {"reward/total": "mean reward", "accuracy format_rate":
+              "accuracy (answer = 1), format rate (strict)", "kl": "KL(policy || reference)",
+              "completion/len_mean": "mean completion length (tokens)"}
     fig = Figure(figsize=(9, 6), dpi=80, layout="tight")
     for ax, (keys, title) in zip(fig.subplots(2, 2).flat, panels.items()):
         for key in keys.split():
             ax.plot([r["step"] for r in records], [r.get(key) for r in records], label=key)
         ax.set(title=title, xlabel="step")
+        ax.xaxis.get_major_locator().set_params(integer=True)  # no step 1.5
         ax.legend()
     fig.savefig(out_path)
+    return fig
 
 def quiet_libraries() -> None:  # one progress bar, ours: no per-file bars from the libraries
     import datasets
@@ -793,8 +854,9 @@ def quiet_libraries() -> None:  # one progress bar, ours: no per-file bars from 
 def main(argv: list[str] | None = None) -> None:
     try:
         train(parse_args(argv))
-    except ConfigError as error:
-        sys.exit(f"grpo.py: error: {error}")
+    except ConfigError as error:  # exit code 2, as argparse's errors
+        print(f"grpo.py: error: {error}", file=sys.stderr)
+        sys.exit(2)
 
 if __name__ == "__main__":
     main()
