@@ -742,6 +742,19 @@ def test_answer_reward_reads_gold_answers_in_the_same_forms(gold, right, wrong):
     assert answer_reward(completions, [extract_gold_answer(gold)] * 2) == [1.0, 0.0]
 
 
+@pytest.mark.parametrize("gold, near_miss", [
+    # rounded or close: a reward comparing rounded numbers, or with a tolerance, would take these
+    ("18", "18.4"), ("18", "17.6"), ("18", "18.5"), ("18", "18.001"), ("18", "17.9999"), ("2.5", "2"), ("2.5", "3"),
+    # a sign dropped or added, a factor of 10, a fraction read as its numerator or its denominator
+    ("-3", "3"), ("3", "-3"), ("3", "−3"), ("18", "180"), ("18", "1.8"), ("18", "1,800"),
+    ("18", "18/4"), ("0.75", "3/5"), ("3", "3/4"), ("4", "3/4"), ("18", "36/3"),
+])
+def test_a_near_miss_scores_zero(gold, near_miss):
+    """Exactly the gold number or nothing: no partial credit for nearly right (GRPO would learn "close enough")."""
+    assert answer_reward([f"<reasoning>r</reasoning><answer>{near_miss}</answer>"], [extract_gold_answer(gold)]) == [0.0]
+    assert answer_reward([f"<reasoning>r</reasoning><answer>{gold}</answer>"], [extract_gold_answer(gold)]) == [1.0]
+
+
 def test_extract_gold_answer():
     assert extract_gold_answer("She makes 9 * 2 = $<<9*2=18>>18.\n#### 18") == "18"
     assert extract_gold_answer("#### 1,000") == "1000"
