@@ -5,6 +5,7 @@ Run: python -m pytest -q test_grpo.py
 """
 
 import contextlib
+import importlib
 import io
 import json
 import logging
@@ -101,6 +102,14 @@ def no_png(monkeypatch):
     """train() draws curves.png at the end; in-process runs skip the drawing (about 0.3 s each). The subprocess
     run of test_end_to_end_then_resume and test_plot_curves_draws_a_png_from_the_metrics draw it."""
     monkeypatch.setattr(grpo, "plot_curves", lambda *args: None)
+
+
+def need(module: str):
+    """pytest.importorskip, except where GRPO_TESTS_NO_SKIP is set (.ci/run): there a missing install fails the
+    test instead of passing as a skip."""
+    if os.environ.get("GRPO_TESTS_NO_SKIP"):
+        return importlib.import_module(module)
+    return pytest.importorskip(module)
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -832,7 +841,7 @@ def test_rewards_take_linear_time_on_adversarial_text(name):
 
 
 def test_rewards_never_raise_and_stay_in_range_on_any_text():
-    hypothesis = pytest.importorskip("hypothesis")
+    hypothesis = need("hypothesis")
     strategies = hypothesis.strategies
     pieces = strategies.sampled_from([*TAGS, "-", "\u2212", ",", ".", "/", "e", "E", " ", "\n", "1", "0", "9"])
     texts = strategies.one_of(strategies.text(), strategies.lists(pieces).map("".join))
@@ -1914,7 +1923,7 @@ TRL_FIELDS = [
 
 @pytest.mark.parametrize("flags, field, value", TRL_FIELDS)
 def test_trl_runner_maps_each_flag_to_its_grpo_config_field(tmp_path, flags, field, value):
-    pytest.importorskip("trl")
+    need("trl")
     trl_grpo = load_scale_module("scale/trl_grpo.py")
     cfg = grpo.parse_args([*flags.split(), "--output-dir", str(tmp_path / "run")])
     config = trl_grpo.trl_config(cfg)
@@ -1923,7 +1932,7 @@ def test_trl_runner_maps_each_flag_to_its_grpo_config_field(tmp_path, flags, fie
 
 
 def test_trl_runner_maps_lora_and_splits_the_batch_over_processes(tmp_path):
-    pytest.importorskip("trl")
+    need("trl")
     trl_grpo = load_scale_module("scale/trl_grpo.py")
     cfg = grpo.parse_args(["--lora-r", "8", "--lora-alpha", "16", "--lora-target-modules", "q_proj,v_proj"])
     lora = trl_grpo.peft_config(cfg)
@@ -1941,12 +1950,14 @@ def test_trl_runner_maps_lora_and_splits_the_batch_over_processes(tmp_path):
     ("--compile", "--compile True: TRL samples with its own generate()"),
     ("--prompts-per-step 2 --num-generations 4 --micro-batch-size 3", "--micro-batch-size 3: TRL splits"),
 ])
-def test_trl_runner_refuses_what_trl_cannot_do_before_loading_a_model(tmp_path, monkeypatch, flags, message):
-    pytest.importorskip("trl")
+def test_trl_runner_refuses_what_trl_cannot_do_before_loading_a_model(tmp_path, monkeypatch, capsys, flags,
+                                                                        message):
+    need("trl")
     trl_grpo = load_scale_module("scale/trl_grpo.py")
     monkeypatch.setattr(grpo, "load_tokenizer", lambda *a: pytest.fail("a model was loaded"))
-    with pytest.raises(SystemExit, match=re.escape(message)):
+    with pytest.raises(SystemExit) as stop:
         trl_grpo.main([*flags.split(), "--dataset", "arithmetic", "--output-dir", str(tmp_path / "run")])
+    assert stop.value.code == 2 and message in capsys.readouterr().err  # as grpo.py's (and argparse's) errors
 
 
 def test_trl_runner_takes_no_compile_which_asks_nothing_of_trl(tmp_path):
@@ -1955,7 +1966,7 @@ def test_trl_runner_takes_no_compile_which_asks_nothing_of_trl(tmp_path):
 
 
 def test_trl_runner_maps_use_vllm_to_colocated_vllm(tmp_path):
-    pytest.importorskip("trl")
+    need("trl")
     trl_grpo = load_scale_module("scale/trl_grpo.py")
     cfg = grpo.parse_args(["--output-dir", str(tmp_path / "run")])
     config = trl_grpo.trl_config(cfg, use_vllm=True)
@@ -1977,7 +1988,7 @@ def test_trl_runner_scores_with_our_rewards_on_the_answer_column():
 
 
 def test_trl_runner_trains_a_step_on_the_tiny_model_with_our_rewards(tiny_model_dir, tmp_path, monkeypatch):
-    pytest.importorskip("trl")
+    need("trl")
     trl_grpo = load_scale_module("scale/trl_grpo.py")
 
     class GrpoPrecision(contextlib.nullcontext):  # what grpo.autocast_for returns, recognisable
@@ -1986,6 +1997,8 @@ def test_trl_runner_trains_a_step_on_the_tiny_model_with_our_rewards(tiny_model_
     evaluated_under = []
     evaluate = grpo.evaluate
     monkeypatch.setattr(grpo, "evaluate", lambda *args: evaluated_under.append(args[-1]) or evaluate(*args))
+    drawn = []
+    monkeypatch.setattr(grpo, "plot_curves", lambda *args: drawn.append(args))
     results = trl_grpo.main(["--model", str(tiny_model_dir), "--dataset", "arithmetic", "--max-steps", "2",
                              "--prompts-per-step", "2", "--num-generations", "4", "--micro-batch-size", "4",
                              "--max-completion-length", "8", "--eval-size", "4", "--eval-batch-size", "4",
@@ -1997,6 +2010,25 @@ def test_trl_runner_trains_a_step_on_the_tiny_model_with_our_rewards(tiny_model_
     assert list((tmp_path / "run").glob("checkpoint-*"))  # --save-every 0: one checkpoint at the end, to resume
     assert (tmp_path / "run" / "model.safetensors").exists()
     assert json.loads((tmp_path / "run" / "results.json").read_text())["engine"] == "trl"
+    # grpo.py's logs too: metrics.jsonl with grpo.py's keys (the figures TRL logged), samples.jsonl, curves.png
+    metrics = grpo.read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [1, 2]
+    for ours, theirs in trl_grpo.TRL_METRICS.items():
+        assert [m[ours] for m in metrics] == [log[theirs] for log in steps], ours
+    assert all(0 <= m["format_rate"] <= 1 for m in metrics)
+    samples = grpo.read_jsonl(tmp_path / "run" / "samples.jsonl")
+    assert [s["step"] for s in samples] == [2, 2] and samples[0]["question"].startswith("What is ")
+    assert drawn == [(tmp_path / "run" / "metrics.jsonl", tmp_path / "run" / "curves.png")]  # at the end, as grpo.py
+    assert not (tmp_path / "run" / "completions").exists()  # no parquet files; no table on the console
+
+
+def test_trl_runner_help_is_grpo_pys_flags_and_its_own(capsys):
+    trl_grpo = load_scale_module("scale/trl_grpo.py")
+    with pytest.raises(SystemExit) as stop:
+        trl_grpo.main(["--help"])
+    text = capsys.readouterr().out
+    assert stop.value.code == 0 and text.startswith("usage: trl_grpo.py") and "--use-vllm" in text
+    assert all(grpo.flag(f.name) in text for f in fields(Config))
 
 
 def test_verl_reward_is_the_weighted_sum_that_grpo_trains_on():
@@ -2034,7 +2066,7 @@ def test_verl_parquet_rows_have_verls_schema_and_our_prompt(tmp_path):
 
 @pytest.fixture(scope="module")
 def trl_trainer(tiny_model_dir, tmp_path_factory):
-    trl = pytest.importorskip("trl")
+    trl = need("trl")
     from datasets import Dataset
     args = trl.GRPOConfig(output_dir=str(tmp_path_factory.mktemp("trl")), use_cpu=True, bf16=False, report_to="none",
                           per_device_train_batch_size=4, num_generations=2, max_completion_length=5,
@@ -2050,6 +2082,8 @@ def trl_trainer(tiny_model_dir, tmp_path_factory):
 @pytest.mark.parametrize("kl_estimator", ["k3", "k3_ratio"])
 @pytest.mark.parametrize("loss_type", grpo.LOSS_TYPES)
 def test_logps_loss_and_gradient_agree_with_trl(trl_trainer, tiny_model_dir, loss_type, kl_estimator, mu):
+    """Log-probs, loss and gradient equal TRL's on one batch, with the reference above and below the policy and
+    (mu = 2) ratios cut at both clip edges and inside them."""
     generator = torch.Generator().manual_seed(0)
     prompt_ids = torch.randint(5, 30, (4, 4), generator=generator)
     prompt_mask = torch.tensor([[0, 1, 1, 1]] * 2 + [[1, 1, 1, 1]] * 2)  # group 1's prompt is one token shorter
@@ -2060,14 +2094,19 @@ def test_logps_loss_and_gradient_agree_with_trl(trl_trainer, tiny_model_dir, los
     ours = grpo.load_model(str(tiny_model_dir), torch.device("cpu")).train()
     with torch.no_grad():
         logp = per_token_logps(ours, input_ids, attention_mask, 5, temperature=0.7)
-    ref_logp = logp + 0.1 + 0.2 * torch.rand(logp.shape, generator=generator)
-    old_logp = logp - 0.1 - 0.3 * torch.rand(logp.shape, generator=generator) if mu > 1 else None
+    ref_logp = logp - 0.3 + 0.6 * torch.rand(logp.shape, generator=generator)  # the reference above and below
+    old_logp = logp - 0.5 + torch.rand(logp.shape, generator=generator) if mu > 1 else None  # ratio 0.61-1.65
+    kept = completion_mask.bool()  # TRL leaves 0 where the mask is 0
+    assert (ref_logp > logp)[kept].any() and (ref_logp < logp)[kept].any()  # both signs of the KL's log-ratio
+    if mu > 1:  # every branch of the clipped surrogate meets TRL's: cut below (Â < 0), cut above (Â > 0), inside
+        ratio, A = torch.exp(logp - old_logp)[kept], advantages[:, None].expand_as(logp)[kept]
+        assert ((ratio < 0.8) & (A < 0)).any() and ((ratio > 1.28) & (A > 0)).any()
+        assert ((ratio > 0.8) & (ratio < 1.28)).any() and ((ratio < 0.8) & (A > 0)).any()
 
     trainer, theirs = trl_trainer, trl_trainer.model
     trainer.loss_type, trainer.args.use_bias_correction_kl = loss_type, kl_estimator == "k3_ratio"
     theirs.train().zero_grad()
     their_logp = trainer._get_per_token_logps_and_entropies(theirs, input_ids, attention_mask, 5)[0]
-    kept = completion_mask.bool()  # TRL leaves 0 where the mask is 0
     torch.testing.assert_close(their_logp.detach()[kept], logp[kept], atol=1e-5, rtol=0)
     inputs = dict(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
                   completion_mask=completion_mask, advantages=advantages, ref_per_token_logps=ref_logp,

@@ -16,12 +16,12 @@ and after training. One flag is this runner's own: `--use-vllm` samples with vLL
 training on the same GPUs (TRL's `use_vllm`, `vllm_mode="colocate"`).
 """
 
-import argparse
 import importlib.util
 import json
 import os
 import sys
-from dataclasses import asdict
+import warnings
+from dataclasses import asdict, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -41,6 +41,19 @@ NO_TRL_EQUIVALENT = {
 }
 # TRL's KL term is k3, weighted by the ratio or not (`use_bias_correction_kl`); it has no k2.
 TRL_KL_ESTIMATORS = ("k3", "k3_ratio")
+# grpo.py's metrics.jsonl keys and the TRL 1.16 log keys that hold the same figures (its
+# GRPOTrainer: the same group statistics, token means and clip conditions). TRL logs no strict
+# format rate and no time per phase; `accuracy` is the answer reward's mean (it is 1 or 0).
+TRL_METRICS = {
+    "reward/total": "reward", "reward/total_std": "reward_std",
+    "reward/format": "rewards/format/mean", "reward/format_std": "rewards/format/std",
+    "reward/answer": "rewards/answer/mean", "reward/answer_std": "rewards/answer/std",
+    "accuracy": "rewards/answer/mean", "groups/zero_std_frac": "frac_reward_zero_std",
+    "completion/len_mean": "completions/mean_length", "completion/len_max": "completions/max_length",
+    "completion/truncated_frac": "completions/clipped_ratio", "loss": "loss", "kl": "kl",
+    "clip/low_frac": "clip_ratio/low_mean", "clip/high_frac": "clip_ratio/high_mean",
+    "grad_norm": "grad_norm", "lr": "learning_rate",
+}
 
 
 def refusals(cfg: grpo.Config, num_processes: int = 1, use_vllm: bool = False) -> list[str]:
@@ -107,20 +120,67 @@ def trl_config(cfg: grpo.Config, num_processes: int = 1, use_vllm: bool = False)
         save_strategy="steps", save_steps=(cfg.save_every or cfg.max_steps) * cfg.mu,
         save_total_limit=1,  # the latest checkpoint only, as grpo.py
         use_vllm=use_vllm, vllm_mode="colocate",  # vLLM on the training GPUs, when asked for
-        log_completions=cfg.log_samples_every > 0, logging_steps=1, report_to="none",
+        log_completions=False, logging_steps=1, report_to="none",  # our logs: OurLogs
     )
 
 
-def trl_reward_functions() -> list:
+def trl_reward_functions(seen: dict | None = None) -> list:
     """rewards.py's functions with TRL's signature: completions are chat messages, and the
-    data set's `answer` column arrives as a keyword."""
+    data set's `answer` column arrives as a keyword. `seen` keeps the last batch scored (for
+    samples.jsonl) and counts the strictly formatted replies (the format rate)."""
     def wrap(name, fn):
         def reward(completions, answer, **kwargs):
             texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
-            return fn(texts, answer)
+            scores = fn(texts, answer)
+            if seen is not None and name == "format":
+                seen.update(texts=texts, answers=list(answer), prompts=kwargs.get("prompts"),
+                            strict=seen.get("strict", 0) + scores.count(1.0),
+                            scored=seen.get("scored", 0) + len(scores))
+            return scores
         reward.__name__ = name  # TRL logs each reward under its function's name
         return reward
     return [wrap(name, fn) for name, fn in rewards.REWARD_FUNCTIONS.items()]
+
+
+def our_logs(cfg: grpo.Config, seen: dict):
+    """A TrainerCallback that writes grpo.py's logs beside TRL's checkpoints: metrics.jsonl (one
+    line per TRL log, that is per optimizer step, with grpo.py's keys where TRL has the figure),
+    samples.jsonl (two completions every --log-samples-every steps, and at the last) and
+    curves.png, as grpo.py draws them. A resumed run drops the lines after its checkpoint."""
+    from transformers import TrainerCallback
+
+    out = Path(cfg.output_dir)
+
+    class OurLogs(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                out.mkdir(parents=True, exist_ok=True)
+                for path in (out / "metrics.jsonl", out / "samples.jsonl"):
+                    if path.exists():
+                        kept = [r for r in grpo.read_jsonl(path) if r["step"] <= state.global_step]
+                        grpo.append_jsonl(path, kept, mode="w")
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero or not logs or "loss" not in logs:
+                return  # not a training step's log (the end-of-training summary, say)
+            line = {"step": state.global_step, **{ours: logs[theirs] for ours, theirs in
+                                                  TRL_METRICS.items() if theirs in logs}}
+            if seen.get("scored"):  # strictly formatted, since the last log
+                line["format_rate"] = seen.pop("strict") / seen.pop("scored")
+            grpo.append_jsonl(out / "metrics.jsonl", [line])
+            if seen.get("texts"):
+                total, _ = grpo.score_completions(seen["texts"], seen["answers"], {
+                    name: getattr(cfg, f"{name}_weight") for name in rewards.REWARD_FUNCTIONS})
+                row = {"question": seen["prompts"][0][-1]["content"] if seen.get("prompts") else "",
+                       "answer": seen["answers"][0]}
+                grpo.log_samples(replace(cfg, max_steps=args.max_steps), state.global_step, row,
+                                 seen["texts"], total)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                grpo.plot_curves(out / "metrics.jsonl", out / "curves.png")
+
+    return OurLogs()
 
 
 def peft_config(cfg: grpo.Config):
@@ -132,29 +192,36 @@ def peft_config(cfg: grpo.Config):
 
 
 def main(argv: list[str] | None = None) -> dict:
-    runner = argparse.ArgumentParser(add_help=False)  # this runner's own flag; the rest: grpo.py's
-    runner.add_argument("--use-vllm", action="store_true")
-    own, rest = runner.parse_known_args(argv)
-    cfg = grpo.parse_args(rest)
+    parser = grpo.flag_parser("trl_grpo.py")  # grpo.py's flags, and this runner's own one
+    parser.description = "grpo.py's run on TRL's GRPOTrainer: the same flags, prompt, data and " \
+        "rewards. Example: accelerate launch --num_processes 4 scale/trl_grpo.py --max-steps 200"
+    parser.add_argument("--use-vllm", action="store_true", help="sample with vLLM, colocated on "
+                        "the training GPUs (TRL's use_vllm, vllm_mode='colocate'; pip install vllm)")
+    cfg = grpo.parse_args(argv, parser)
+    use_vllm = getattr(parser.parse_args(argv), "use_vllm", False)  # absent unless typed
     num_processes = int(os.environ.get("WORLD_SIZE", "1"))  # set by accelerate launch
     try:
         grpo.check_config(cfg)  # grpo.py's checks of the flags; the output folder is TRL's
-        refused = refusals(cfg, num_processes, own.use_vllm)
+        refused = refusals(cfg, num_processes, use_vllm)
         grpo.require(not refused, "\n".join(refused))
         settings = (cfg.dataset_config, cfg.arithmetic_max, cfg.seed, cfg.example_turn)
         train_rows = rewards.load_dataset_rows(cfg.dataset, "train", *settings)
         eval_rows = rewards.load_dataset_rows(cfg.dataset, "test", *settings)[:cfg.eval_size]
-        args = trl_config(cfg, num_processes, own.use_vllm)
-    except grpo.ConfigError as error:
-        sys.exit(f"trl_grpo.py: error: {error}")
+        args = trl_config(cfg, num_processes, use_vllm)
+    except grpo.ConfigError as error:  # exit code 2, as argparse's errors and grpo.py's
+        print(f"trl_grpo.py: error: {error}", file=sys.stderr)
+        sys.exit(2)
 
     from datasets import Dataset
     from trl import GRPOTrainer
 
-    grpo.quiet_libraries()
+    grpo.quiet_libraries()  # and TRL's read of an attribute transformers 5 deprecates: not ours
+    warnings.filterwarnings("ignore", "`is_gradient_checkpointing`", FutureWarning)
     dataset = Dataset.from_list([{"prompt": r["prompt"], "answer": r["answer"]} for r in train_rows])
-    trainer = GRPOTrainer(model=cfg.model, reward_funcs=trl_reward_functions(), args=args,
-                          train_dataset=dataset, peft_config=peft_config(cfg))
+    seen = {}  # the last batch scored, for samples.jsonl and the format rate
+    trainer = GRPOTrainer(model=cfg.model, reward_funcs=trl_reward_functions(seen), args=args,
+                          train_dataset=dataset, peft_config=peft_config(cfg),
+                          callbacks=[our_logs(cfg, seen)])
     tokenizer = grpo.load_tokenizer(cfg.model, cfg.trust_remote_code)
     results = {}
 
