@@ -431,7 +431,6 @@ def require(ok: bool, message: str) -> None:
 
 def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
-
 CHOICES = {"loss_type": (*LOSS_TYPES, "bnpo"), "kl_estimator": KL_ESTIMATORS,
            "precision": ("auto", "fp32", "bf16"), "device": ("auto", "cuda", "mps", "cpu")}
 
@@ -457,17 +456,16 @@ def parse_args(argv: list[str] | None = None, parser=None) -> Config:
     """The flags typed as a Config; on --resume, those not typed keep the run's (not --compile)."""
     typed = {name: value for name, value in vars((parser or flag_parser()).parse_args(argv)).items()
              if name in Config.__dataclass_fields__}
-    run = run_config(Path(typed.get("output_dir", Config.output_dir))) if typed.get("resume") else 0
-    kept = {k: v for k, v in (run or {}).items() if k not in (*typed, "resume", "compile")}
+    run = typed.get("resume") and run_config(Path(typed.get("output_dir", Config.output_dir))) or {}
+    kept = {k: v for k, v in run.items() if k not in (*typed, "resume", "compile")}
     return Config(**kept, **typed)
 
 def check_config(cfg: Config) -> None:
     """Fail at once, with the fix, on settings that would otherwise fail late or silently."""
     require(cfg.num_generations >= 2, f"--num-generations is {cfg.num_generations}; GRPO "
             "compares completions within a group, so use 2 or more (8 is usual).")
-    for name in ("prompts_per_step", "max_completion_length", "max_steps", "mu", "temperature",
-                 "micro_batch_size", "logp_chunk_size", "eval_batch_size", "learning_rate",
-                 "arithmetic_max"):
+    for name in ("prompts_per_step max_completion_length max_steps mu temperature micro_batch_size "
+                 "logp_chunk_size eval_batch_size learning_rate arithmetic_max").split():
         require(getattr(cfg, name) > 0, f"{flag(name)} is {getattr(cfg, name)}; it must be > 0.")
     for name in ("eval_size", "save_every", "log_samples_every", "ref_sync_every", "lora_r",
                  "beta", "weight_decay"):
@@ -483,9 +481,8 @@ def check_config(cfg: Config) -> None:
             "with LoRA the reference is the base model itself. Set one of them to 0.")
     from_hub = []
     for name, what in (("model", "model folder"), ("dataset", "data file or folder")):
-        source = getattr(cfg, name)  # a Hub id is "name" or "owner/name"; anything else, a path
-        looks_local = source.startswith((".", "/", "~")) or source.endswith((".json", ".jsonl"))
-        looks_local |= source.count("/") > 1 or "\\" in source
+        source = getattr(cfg, name)  # a Hub id is "name" or "owner/name" (no .jsonl); else a path
+        looks_local = not re.fullmatch(r"(?!.*\.jsonl?$)\w[\w.-]*(/[\w.-]+)?", source)
         exists = Path(source).expanduser().exists()
         require(exists or not looks_local, f"--{name} {source!r}: no such {what}. Check the "
                                            "path, or pass a Hub id.")
@@ -500,23 +497,21 @@ def check_config(cfg: Config) -> None:
             print(f"note: {host} cannot be reached: {', '.join(from_hub)} from the cache only. "
                   "Without the Hub: --model ./folder, --dataset arithmetic or a JSON-lines file.")
 
-def run_config(output_dir: Path) -> dict | None:
+def run_config(output_dir: Path) -> dict:
     """The settings of the run in output_dir: its latest checkpoint's, else results.json's."""
     latest = latest_checkpoint(output_dir)
     path = latest / "trainer_state.json" if latest else output_dir / "results.json"
-    return json.loads(path.read_text()).get("config") if path.exists() else None
+    return json.loads(path.read_text()).get("config") or {} if path.exists() else {}
 
 def check_output_dir(cfg: Config) -> None:
-    """A new run needs a fresh output_dir; --resume needs a run there, with the same settings but
-    for CHANGEABLE_ON_RESUME's (each change is printed). No checkpoint yet: step 0 again."""
+    """A fresh output_dir; with --resume, a run there of the same settings but CHANGEABLE's."""
     out, latest = Path(cfg.output_dir), latest_checkpoint(Path(cfg.output_dir))
     started = latest is not None or (out / "metrics.jsonl").exists()
-    again = " (no checkpoint yet: from step 0)" if latest is None else ""
-    require(cfg.resume or not started, f"{out} already holds a run. Pass --resume to continue it"
-                                       f"{again}, or choose another --output-dir.")
+    require(cfg.resume or not started, f"{out} already holds a run. Pass --resume to go on"
+            f"{' (no checkpoint yet: from step 0)' * (latest is None)}, or another --output-dir.")
     require(started or not cfg.resume, f"--resume: {out} holds no run (no checkpoint-*, no "
                                        "metrics.jsonl). Drop --resume to start a new run there.")
-    run = (run_config(out) or {}) if cfg.resume else {}
+    run = run_config(out) if cfg.resume else {}
     step = json.loads((latest / "trainer_state.json").read_text())["step"] if latest else 0
     require(cfg.max_steps > step, f"--resume: the run in {out} is already at step {step}; pass a "
                                   "larger --max-steps.")
@@ -527,8 +522,6 @@ def check_output_dir(cfg: Config) -> None:
     for name in CHANGEABLE_ON_RESUME[1:]:  # not "resume"
         if run.get(name, getattr(cfg, name)) != getattr(cfg, name):
             print(f"--resume: {flag(name)} {run[name]!r} -> {getattr(cfg, name)!r}")
-    if cfg.resume and latest is None:
-        print(f"--resume: {out} has no checkpoint yet: the run starts again from step 0")
 
 # ---- Devices, precision, time and memory, the compiled decoding step ----------------------------
 GPUS = {"cuda": torch.cuda, "mps": torch.mps}  # each with is_available and its random state
@@ -578,9 +571,8 @@ def compiled_decoding(model, cache, attention_mask: torch.Tensor, bucket: int = 
     decoder, caches, shapes = compiled_decoder(model)  # a CUDA graph holds its cache's tensors
     for key in [key for key in caches if key[0] != B]:  # another batch size's (evaluation's, or
         del caches[key]  # training's): freed, and made again if it comes back
-    key = (B, L, cache.layers[0].keys.dtype)
+    shapes.add(key := (B, L, cache.layers[0].keys.dtype))
     static = caches.setdefault(key, StaticCache(model.config, L))
-    shapes.add(key)
     if len(shapes) > torch._dynamo.config.cache_size_limit:  # past it, dynamo runs it eager
         say_once("--compile: more batch shapes than torch compiles for one function: decoding "
                  "runs uncompiled, slower than --no-compile. Use --no-compile.")
@@ -595,7 +587,6 @@ def compiled_decoder(model):
     mode = "reduce-overhead" if next(model.parameters()).is_cuda else None
     return torch.compile(model.get_decoder(), mode=mode, dynamic=False), {}, set()
 say_once = functools.cache(print)
-
 def compiles_by_default(device: torch.device) -> bool:  # where it is faster: bench/README.md
     return device.type == "cuda" and importlib.util.find_spec("triton") is not None and \
         torch.cuda.get_device_capability(device) >= (7, 0)  # Triton's GPUs: V100 and later
@@ -723,7 +714,8 @@ def resume_run(cfg: Config, checkpoint_dir: Path | None, optimizer) -> tuple[int
                 gpu.set_rng_state(state["rng"][kind])
         step = json.loads((checkpoint_dir / "trainer_state.json").read_text())["step"]
         results = json.loads((output_dir / "results.json").read_text())
-        print(f"resuming from {checkpoint_dir} at step {step}")
+    if cfg.resume:
+        print(f"resuming from {checkpoint_dir or 'no checkpoint yet: the start'} at step {step}")
     for path in (output_dir / "metrics.jsonl", output_dir / "samples.jsonl"):  # to be run again
         if path.exists():  # (no checkpoint: all of it)
             append_jsonl(path, [r for r in read_jsonl(path) if r["step"] <= step], mode="w")
@@ -749,9 +741,8 @@ def until_ctrl_c(steps):
 def stop_run(output_dir: Path, completed: int, reason: BaseException, *to_save) -> None:
     """Exit on a NaN (keeping the last good checkpoint) or on Ctrl-C (saving the steps done)."""
     if isinstance(reason, FloatingPointError):
-        last = latest_checkpoint(output_dir)
         sys.exit(f"step {completed + 1}: {reason} --resume goes on from the last good checkpoint"
-                 f" ({last or 'none yet: step 0'}).")
+                 f" ({latest_checkpoint(output_dir) or 'none yet: step 0'}).")
     path = save_checkpoint(output_dir, completed, *to_save)
     plot_curves(output_dir / "metrics.jsonl", output_dir / "curves.png")
     sys.exit(f"\ninterrupted: saved {path}; continue with --resume --output-dir {output_dir}")
@@ -797,7 +788,6 @@ def step_metrics(rollout: Rollout, rewards, components, group_size: int, loss: f
 def read_jsonl(path: Path) -> list[dict]:
     lines = path.read_text().splitlines() if path.exists() else []
     return [json.loads(line) for line in lines if line.strip()]
-
 def append_jsonl(path: Path, records: list[dict], mode: str = "a") -> None:
     with path.open(mode) as f:
         f.write("".join(json.dumps(r) + "\n" for r in records))
@@ -846,17 +836,15 @@ def plot_curves(metrics_path: Path, out_path: Path):
     return fig
 
 def quiet_libraries() -> None:  # one progress bar, ours: no per-file bars from the libraries
-    import datasets
-    import transformers
+    import datasets, transformers  # noqa: E401
     transformers.utils.logging.disable_progress_bar()
     datasets.disable_progress_bars()
 
 def main(argv: list[str] | None = None) -> None:
     try:
         train(parse_args(argv))
-    except ConfigError as error:  # exit code 2, as argparse's errors
-        print(f"grpo.py: error: {error}", file=sys.stderr)
-        sys.exit(2)
+    except ConfigError as error:  # to stderr, exit code 2: as argparse's own errors
+        argparse.ArgumentParser().exit(2, f"grpo.py: error: {error}\n")
 
 if __name__ == "__main__":
     main()

@@ -1118,11 +1118,11 @@ def test_a_run_without_a_checkpoint_starts_again_with_resume(tiny_model_dir, tmp
     cfg = tiny_config(tiny_model_dir, tmp_path, max_steps=2, eval_size=0, save_every=0)
     grpo.train(cfg)
     shutil.rmtree(Path(cfg.output_dir) / "checkpoint-2")  # as if killed before the end
-    with pytest.raises(ConfigError, match=r"Pass --resume to continue it \(no checkpoint yet: from step 0\)"):
+    with pytest.raises(ConfigError, match=r"Pass --resume to go on \(no checkpoint yet: from step 0\), or another --output-dir\."):
         grpo.train(cfg)
     capsys.readouterr()
     grpo.train(replace(cfg, resume=True))
-    assert "has no checkpoint yet: the run starts again from step 0" in capsys.readouterr().out
+    assert "resuming from no checkpoint yet: the start at step 0" in capsys.readouterr().out
     assert [m["step"] for m in grpo.read_jsonl(Path(cfg.output_dir) / "metrics.jsonl")] == [1, 2]
     assert [r["step"] for r in grpo.read_jsonl(Path(cfg.output_dir) / "samples.jsonl")] == [1, 1, 2, 2]
     with pytest.raises(ConfigError, match="holds no run"):
