@@ -2,7 +2,7 @@
 grpo.py's run on TRL's GRPOTrainer: the same flags, prompt, data and rewards, when one GPU is not
 enough. Nothing here changes grpo.py; TRL is not one of its dependencies.
 
-    pip install -r scale/requirements.txt
+    pip install -r requirements.txt -r scale/requirements.txt
     python scale/trl_grpo.py --model Qwen/Qwen2.5-0.5B-Instruct --max-steps 200     # one device
     python scale/trl_grpo.py --use-vllm --max-steps 200      # sampling by vLLM (pip install vllm)
     accelerate launch --num_processes 4 scale/trl_grpo.py --max-steps 200            # 4 GPUs
