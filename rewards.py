@@ -16,11 +16,19 @@ learned reward model). Each is a function `(completions, answers) -> list[float]
 
 grpo.py sums them with weights from its config and logs each one on its own.
 Nothing here raises on odd text: a completion that cannot be read scores 0.
+
+For process supervision (DeepSeekMath, section 4.1.3), a reward for each step of the reasoning:
+
+  reasoning_steps  each line of <reasoning> that states an equation, where it ends, and whether
+                   its arithmetic holds (exact fractions, a small parser: never eval)
+  step_reward      the steps as one reward per reply: 0.2 for each distinct equation that holds,
+                   at most 1.0
 """
 
 import json
 import random
 import re
+from fractions import Fraction
 from pathlib import Path
 
 # The four tags the system prompt asks for, named once.
@@ -159,6 +167,124 @@ def answer_reward(completions: list[str], answers: list[str]) -> list[float]:
         rewards.append(float(predicted is not None and predicted == expected))
     return rewards
 
+
+# ---- The steps of the reasoning (DeepSeekMath's process supervision, section 4.1.3) ------------
+# A step is a line of the <reasoning> block that states an equation of plain arithmetic: numbers,
+# + - × * / ÷ and parentheses on each side of "=", as in "14 + 7 = 21" or "3 × (4 + 2) = 18". Its
+# reward says whether the sides are equal, exactly (fractions, never floats). It is read by a small
+# parser, never `eval`: no powers (2^99999 would stall it), numbers of at most MAX_NUMBER_LENGTH
+# characters, lines of at most MAX_STEP_LENGTH, parentheses at most MAX_DEPTH deep, and the first
+# MAX_STEPS lines with "=" of a reply (more than 512 tokens hold): bounded work per reply.
+MAX_STEP_LENGTH, MAX_DEPTH, MAX_STEPS = 200, 20, 256
+EQUATION_CHARS = re.compile(r"[\d \t.,+\-*/×÷()=\u2212$]+")
+ARITHMETIC_TOKEN = re.compile(r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|[-+*/×÷()]")
+
+
+def reasoning_steps(completion: str) -> list[tuple[int, float]]:
+    """(end, reward) for each step of the completion's <reasoning> block, in order: `end` is the
+    index in `completion` just after the step's line, `reward` 1.0 if its equation holds, else 0.0.
+    No <reasoning> tag: no steps. An unclosed block runs to the end of the text. Only lines with
+    "=" are looked at (found by str.find, so the time is linear), the first MAX_STEPS of them."""
+    if not isinstance(completion, str) or REASONING_START not in completion:
+        return []
+    start = completion.index(REASONING_START) + len(REASONING_START)
+    end = completion.find(REASONING_END, start)
+    end = len(completion) if end < 0 else end
+    steps, position = [], start
+    for _ in range(MAX_STEPS):
+        equal = completion.find("=", position, end)
+        if equal < 0:
+            break
+        newline = completion.rfind("\n", position, equal)
+        line_start = position if newline < 0 else newline + 1
+        line_end = completion.find("\n", equal, end)
+        line_end = end if line_end < 0 else line_end
+        holds = equation_holds(completion[line_start:line_end]) \
+            if line_end - line_start <= MAX_STEP_LENGTH else None
+        if holds is not None:
+            steps.append((line_end, float(holds)))
+        position = line_end + 1
+    return steps
+
+
+def equation_holds(line: str) -> bool | None:
+    """Whether every equation in `line` holds (all sides of each equal); None if it states none
+    that can be read (a side that is no arithmetic, a division by zero, a number too long)."""
+    verdicts = []
+    for run in EQUATION_CHARS.findall(line):
+        sides = [side.strip(" \t.,$") for side in run.replace("$", "").split("=")]
+        if len(sides) < 2 or not all(sides):
+            continue
+        values = [evaluate_arithmetic(side) for side in sides]
+        if any(value is None for value in values):
+            return None
+        verdicts.append(all(value == values[0] for value in values))
+    return all(verdicts) if verdicts else None
+
+
+def evaluate_arithmetic(text: str) -> Fraction | None:
+    """The exact value of + - × / and parentheses over decimal numbers, or None if `text` is not
+    that (or divides by zero, or nests deeper than MAX_DEPTH, or has a number too long)."""
+    text = text.replace("\u2212", "-").replace(" ", "").replace("\t", "")
+    tokens = ARITHMETIC_TOKEN.findall(text)
+    if "".join(tokens) != text or any(len(t) > MAX_NUMBER_LENGTH for t in tokens):
+        return None
+    position = 0
+
+    def peek():
+        return tokens[position] if position < len(tokens) else None
+
+    def take():
+        nonlocal position
+        position += 1
+        return tokens[position - 1]
+
+    def expression(depth):  # term (("+" | "-") term)*
+        value = term(depth)
+        while value is not None and peek() in ("+", "-"):
+            sign, right = take(), term(depth)
+            value = None if right is None else value + right if sign == "+" else value - right
+        return value
+
+    def term(depth):  # factor (("*" | "×" | "/" | "÷") factor)*
+        value = factor(depth)
+        while value is not None and peek() in ("*", "×", "/", "÷"):
+            operator, right = take(), factor(depth)
+            if right is None or (operator in "/÷" and right == 0):
+                return None
+            value = value * right if operator in "*×" else value / right
+        return value
+
+    def factor(depth):  # ("-" | "+") factor | number | "(" expression ")"
+        token = peek()
+        if token is None or depth > MAX_DEPTH:
+            return None
+        take()
+        if token in ("-", "+"):
+            value = factor(depth + 1)
+            return None if value is None else -value if token == "-" else value
+        if token == "(":
+            value = expression(depth + 1)
+            return value if value is not None and peek() == ")" and take() else None
+        return Fraction(token.replace(",", "")) if token[0].isdigit() else None
+
+    value = expression(0)
+    return value if position == len(tokens) else None
+
+
+def step_reward(completions: list[str], answers: list[str] | None = None) -> list[float]:
+    """The steps as one reward per reply (the seeds' scalar form: "each correct step adds 0.2"),
+    bounded against farming (Gao et al., arXiv 2410.15115): STEP_CREDIT for each distinct
+    equation that holds, at most 1.0; a repeated one earns nothing more."""
+    rewards = []
+    for completion in completions:
+        lines = {completion[completion.rfind("\n", 0, end) + 1:end].strip() for end, reward
+                 in reasoning_steps(completion) if reward == 1.0}
+        rewards.append(min(1.0, STEP_CREDIT * len(lines)))
+    return rewards
+
+
+STEP_CREDIT = 0.2
 
 # name -> reward function; grpo.py weighs each by its `<name>_weight` config field.
 REWARD_FUNCTIONS = {"format": format_reward, "answer": answer_reward}

@@ -20,6 +20,7 @@ import sys
 import time
 import warnings
 from dataclasses import fields, replace
+from fractions import Fraction
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before huggingface_hub reads it (at import): the tests never touch the Hub
@@ -213,6 +214,80 @@ def test_which_kl_gradient_each_estimator_gives_as_a_loss(kind, on_policy, whose
         torch.testing.assert_close(gradient, truths[whose], atol=1e-9, rtol=0)
         other = next(t for name, t in truths.items() if name != whose)
         assert (gradient - other).norm() > 0.05 * other.norm()  # the two KLs differ here
+
+
+def sequence_logps(first, second):
+    """A tabular policy over completions of two tokens (a, b) from V = 3: logits of the first token [3] and of
+    the second given the first [3, 3]. Returns log π(a) [3] and log π(b | a) [3, 3]."""
+    return first.log_softmax(-1), second.log_softmax(-1)
+
+
+def expected_sequence_kl_term_gradient(kind, theta, ref, old=None):
+    """∇_θ of E_{(a, b) ~ π_old}[Σ_t KL_t] over every completion, each token's term as grpo.kl_estimate gives it
+    (old None: on policy); "to_go": Σ_t log π(o_t) · sg(Σ_{t' >= t} log(π/π_ref)(o_t')), the KL as a reward-to-go."""
+    first, second = (p.clone().requires_grad_(True) for p in theta)
+    (logp1, logp2), (ref1, ref2) = sequence_logps(first, second), sequence_logps(*ref)
+    old1, old2 = (logp1.detach(), logp2.detach()) if old is None else sequence_logps(*old)
+    expected = 0
+    for a in range(3):
+        for b in range(3):
+            logp, ref_logp = torch.stack([logp1[a], logp2[a, b]]), torch.stack([ref1[a], ref2[a, b]])
+            old_logp = torch.stack([old1[a], old2[a, b]])
+            if kind == "to_go":
+                log_ratio = (logp - ref_logp).detach()
+                to_go = log_ratio.flip(0).cumsum(0).flip(0)  # [Σ_{t' >= 0}, Σ_{t' >= 1}]
+                term = (logp * to_go).sum()
+            else:
+                term = kl_estimate(logp, ref_logp, kind, old_logp).sum()
+            expected = expected + (old_logp.sum()).exp() * term
+    return torch.autograd.grad(expected, (first, second))
+
+
+def sequence_kl_gradients(theta, ref):
+    """Autograd of the KL of whole completions, KL(π_θ || π_ref) = Σ_(a,b) π(a, b) log(π(a, b) / π_ref(a, b))."""
+    first, second = (p.clone().requires_grad_(True) for p in theta)
+    (logp1, logp2), (ref1, ref2) = sequence_logps(first, second), sequence_logps(*ref)
+    logp, ref_logp = logp1[:, None] + logp2, ref1[:, None] + ref2  # [3, 3] log-probs of whole completions
+    return torch.autograd.grad((logp.exp() * (logp - ref_logp)).sum(), (first, second))
+
+
+WHOLE_COMPLETION_TABLE = [  # (estimator, its expected gradient on policy, summed over a completion's tokens)
+    ("k1", "zero"), ("k2", "last token only"), ("k3", "neither"), ("k3_ratio", "last token only"), ("to_go", "exact"),
+]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("kind, whose", WHOLE_COMPLETION_TABLE)
+def test_which_gradient_of_the_whole_completions_kl_each_estimator_gives(kind, whose, seed):
+    """README's column "whole completion", by exact enumeration of the 9 completions of two tokens (float64).
+    A per-token KL term holds each token's prefix fixed: its gradient misses the terms through which the first
+    token changes the context of the second. Exact for the second token's logits (k2, k3_ratio), off for the
+    first's; the KL as a reward-to-go (Tang and Munos, arXiv 2506.09477) is exact for both."""
+    generator = torch.Generator().manual_seed(seed)
+    theta, ref = [(torch.randn(3, generator=generator, dtype=torch.float64),
+                   torch.randn(3, 3, generator=generator, dtype=torch.float64)) for _ in range(2)]
+    got, truth = expected_sequence_kl_term_gradient(kind, theta, ref), sequence_kl_gradients(theta, ref)
+    if whose == "zero":
+        assert all(g.abs().max() < 1e-12 for g in got)
+    elif whose == "exact":
+        for g, t in zip(got, truth):
+            torch.testing.assert_close(g, t, atol=1e-12, rtol=0)
+    else:
+        last_exact = whose == "last token only"
+        assert ((got[1] - truth[1]).norm() < 1e-12) == last_exact
+        assert (got[0] - truth[0]).norm() > 0.05 * truth[0].norm()  # the first token's: 10% and more, seen
+
+
+def test_off_policy_no_estimator_gives_the_whole_completions_kl_gradient():
+    """mu > 1, samples from π_old: none of the per-token estimators, nor the reward-to-go without importance
+    weights over prefixes, gives the gradient of the whole completions' KL (Shah et al., arXiv 2512.21852)."""
+    generator = torch.Generator().manual_seed(0)
+    theta, ref, old = [(torch.randn(3, generator=generator, dtype=torch.float64),
+                        torch.randn(3, 3, generator=generator, dtype=torch.float64)) for _ in range(3)]
+    truth = torch.cat([t.flatten() for t in sequence_kl_gradients(theta, ref)])
+    for kind in ("k2", "k3", "k3_ratio", "to_go"):
+        got = torch.cat([g.flatten() for g in expected_sequence_kl_term_gradient(kind, theta, ref, old)])
+        assert (got - truth).norm() > 0.05 * truth.norm(), kind
 
 
 def test_k3_ratio_is_k3_times_the_ratio_and_k1_is_refused(tiny_model_dir, tmp_path):
@@ -852,6 +927,93 @@ def test_rewards_never_raise_and_stay_in_range_on_any_text():
         assert format_reward([completion])[0] in {0.0, 0.125, 0.25, 0.375, 0.5, 1.0}
         assert answer_reward([completion], [gold]) in ([0.0], [1.0])
         parse_number(completion)
+    check()
+
+
+# ---------------------------------------------------------------------------------------------
+# The steps of the reasoning (process supervision): a program checks each equation, exactly
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("14 + 7", 21), ("1/3 + 1/6", Fraction(1, 2)), ("0.1 + 0.2", Fraction(3, 10)), ("\u22123 × \u22122", 6),
+    ("1,000 + 5", 1005), ("12 ÷ 4 × 3", 9), ("2 * (3 + 4)", 14), ("((((1))))", 1), ("-(2 - 5)", 3), ("+1", 1),
+    ("--1", 1), ("7 - 2 - 1", 4), ("8 / 4 / 2", 1), ("2 + 3 * 4", 14),
+    # not plain arithmetic, or not readable: None, never an exception
+    ("1/0", None), ("2^10", None), ("2**3", None), ("2(3)", None), ("1 +", None), ("", None), ("x + 1", None),
+    ("(1", None), ("1)", None), ("1,0000", None), ("9" * 101, None), ("(" * 25 + "1" + ")" * 25, None),
+])
+def test_evaluate_arithmetic_exactly(text, expected):
+    assert rewards.evaluate_arithmetic(text) == expected
+
+
+@pytest.mark.parametrize("line, holds", [
+    ("14 + 7 = 21", True), ("14 + 7 = 22", False), ("3 × (4 + 2) = 18 = 9 × 2", True), ("1 = 1 = 2", False),
+    ("She makes 9 * 2 = $18.", True), ("Total: 3 + 4 = 7, and 7 - 2 = 5", True), ("3 + 4 = 7, and 7 - 2 = 6", False),
+    ("0.1 + 0.2 = 0.3", True), ("1/3 = 0.333", False), ("x = 5", None), ("so the answer is 21", None),
+    ("5 / 0 = 1", None), ("= 5", None), ("a + b = c", None),
+])
+def test_an_equation_holds_or_not_or_is_none(line, holds):
+    assert rewards.equation_holds(line) is holds
+
+
+def test_reasoning_steps_are_the_equations_of_the_reasoning_block_with_where_they_end():
+    completion = ("intro 1 + 1 = 2\n<reasoning>\n14 + 7 = 21\n3 × 4 = 13\nso we add\n(2+3)*4 = 20 = 4 × 5\n"
+                  "</reasoning>\n<answer>\n21 = 21\n</answer>")
+    steps = rewards.reasoning_steps(completion)
+    assert [reward for _, reward in steps] == [1.0, 0.0, 1.0]  # the line before the block and the answer: no steps
+    assert [completion[:end].rsplit("\n", 1)[-1] for end, _ in steps] == ["14 + 7 = 21", "3 × 4 = 13",
+                                                                           "(2+3)*4 = 20 = 4 × 5"]
+    assert all(completion[end] == "\n" for end, _ in steps)
+    assert rewards.reasoning_steps("<reasoning>2 + 2 = 4") == [(20, 1.0)]  # unclosed: to the end of the text
+    assert rewards.reasoning_steps("2 + 2 = 4") == [] and rewards.reasoning_steps(None) == []
+
+
+def test_the_step_reward_counts_distinct_correct_equations_and_is_bounded():
+    """The scalar form (\"each correct step adds 0.2\"), bounded against farming: a repeated equation earns nothing
+    more, and six correct ones no more than five (Gao et al., arXiv 2410.15115)."""
+    def reply(*lines):
+        return "<reasoning>\n" + "\n".join(lines) + "\n</reasoning><answer>1</answer>"
+    assert rewards.step_reward([reply("1 + 1 = 2"), reply("1 + 1 = 3"), reply("no equation"), None]) == \
+        [0.2, 0.0, 0.0, 0.0]
+    assert rewards.step_reward([reply(*["1 + 1 = 2"] * 9)]) == [0.2]  # repeated: once
+    assert rewards.step_reward([reply(*[f"{k} + 1 = {k + 1}" for k in range(6)])]) == [1.0]  # capped
+    assert rewards.step_reward([reply("1 + 1 = 2", "2 + 2 = 4", "2 + 2 = 5")]) == [pytest.approx(0.4)]
+
+
+STEP_ADVERSARIAL = {
+    "equal signs": "=" * 1_000_000, "lines of equations": "1=1\n" * 250_000, "lines of non-equations": "x=y\n" * 250_000,
+    "one long equation": "9" * 999_990 + "=9", "open parentheses": "(" * 999_990 + "1=1", "long product":
+    ("9*" * 95 + "9=1\n") * 5_000, "deep but short": ("(" * 60 + "1" + ")" * 60 + "=1\n") * 8_000,
+    "newlines": "\n" * 1_000_000, "division by zero": "1/0=1\n" * 166_000,
+}
+
+
+@pytest.mark.parametrize("name", STEP_ADVERSARIAL)
+def test_steps_take_linear_time_on_adversarial_text(name):
+    """As the other rewards (0.5 s on 1 MB, the same margin): "=" is found by str.find, each line read once,
+    bounded lines, depth and count of steps."""
+    text = "<reasoning>" + STEP_ADVERSARIAL[name]
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        rewards.reasoning_steps(text), rewards.step_reward([text])
+        best = min(best, time.perf_counter() - start)
+    assert best < 0.5, f"{name}: {best * 1000:.0f} ms on 1 MB"
+
+
+def test_steps_never_raise_on_any_text():
+    hypothesis = need("hypothesis")
+    strategies = hypothesis.strategies
+    pieces = strategies.sampled_from(["<reasoning>", "</reasoning>", "=", "+", "-", "\u2212", "*", "×", "/", "÷",
+                                      "(", ")", ",", ".", "$", " ", "\n", "0", "1", "9", "x"])
+    texts = strategies.one_of(strategies.text(), strategies.lists(pieces, max_size=60).map("".join))
+
+    @hypothesis.settings(max_examples=400, deadline=None)
+    @hypothesis.given(texts)
+    def check(text):
+        steps = rewards.reasoning_steps("<reasoning>" + text)
+        assert all(reward in (0.0, 1.0) and 0 < end <= len(text) + 11 for end, reward in steps)
+        assert 0 <= rewards.step_reward(["<reasoning>" + text])[0] <= 1
     check()
 
 
@@ -1827,6 +1989,20 @@ def test_notebook_runs_top_to_bottom(tiny_model_dir, tmp_path, monkeypatch):
     outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
     assert sum("image/png" in o.get("data", {}) for o in outputs) >= 4  # mask, surrogate, KL, curves
     assert not [o["text"] for o in outputs if "deprecated" in o.get("text", "")]  # no notice of a renamed API
+    assert not [o["text"] for o in outputs if "Warning" in o.get("text", "")]  # nor any other warning
+
+
+def test_the_saved_notebook_shows_no_path_of_its_machine_and_no_warning():
+    """Its outputs are read by everyone: no folder of the machine that ran it (a library's warning names its
+    site-packages), no warning, and no diagnostic on a healthy run (the note on the loss is markdown)."""
+    import nbformat
+    notebook = nbformat.read(HERE / "notebook.ipynb", as_version=4)
+    texts = [o.get("text", "") + json.dumps(o.get("data", {}).get("text/plain", "")) for cell in notebook.cells
+             if cell.cell_type == "code" for o in cell.outputs]
+    assert len(texts) >= 20
+    for text in texts:
+        assert not re.search(r"/root/|/home/|/work/|/tmp/|/Users/|site-packages|[A-Z]:\\\\", text), text[:300]
+        assert "Warning" not in text and "loss is no score" not in text, text[:300]
 
 
 def test_notebook_links_point_at_the_definitions():
