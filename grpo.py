@@ -454,11 +454,11 @@ def flag_parser(prog: str = "grpo.py") -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None = None, parser=None) -> Config:
     """The flags typed as a Config; on --resume, those not typed keep the run's (not --compile)."""
-    typed = {name: value for name, value in vars((parser or flag_parser()).parse_args(argv)).items()
-             if name in Config.__dataclass_fields__}
+    typed = vars((parser or flag_parser()).parse_args(argv))  # only the flags typed: no defaults
+    typed = {k: v for k, v in typed.items() if k in Config.__dataclass_fields__}  # no runner's own
     run = typed.get("resume") and run_config(Path(typed.get("output_dir", Config.output_dir))) or {}
-    kept = {k: v for k, v in run.items() if k not in (*typed, "resume", "compile")}
-    return Config(**kept, **typed)
+    kept = set(Config.__dataclass_fields__) - set(typed) - {"resume", "compile"}  # compile: here
+    return Config(**{k: v for k, v in run.items() if k in kept}, **typed)
 
 def check_config(cfg: Config) -> None:
     """Fail at once, with the fix, on settings that would otherwise fail late or silently."""

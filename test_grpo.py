@@ -1300,6 +1300,9 @@ def test_resume_keeps_the_runs_own_flags_and_prints_a_change(tiny_model_dir, tmp
                      "--micro-batch-size", "4", "--eval-size", "0", "--learning-rate", "5e-6", "--max-steps", "1",
                      "--log-samples-every", "0", "--device", "cpu")
     assert first.returncode == 0, first.stderr
+    state_file = out / "checkpoint-1" / "trainer_state.json"  # a flag of an older grpo.py, since retired
+    state = json.loads(state_file.read_text())
+    state_file.write_text(json.dumps({**state, "config": {**state["config"], "retired_flag": 1}}))
     again = run_main("--resume", "--output-dir", str(out), "--max-steps", "2")
     assert again.returncode == 0, again.stderr
     assert "--resume: --learning-rate" not in again.stdout and "--resume: --max-steps 1 -> 2" in again.stdout
