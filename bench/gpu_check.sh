@@ -4,7 +4,10 @@
 #   (b) ms per decoding step, eager and compiled, 64 rows x 512 tokens, bf16, compile time;
 #   (c) three default steps (eval off), --no-compile and --compile: seconds per step, peak memory;
 #   (d) peak memory of two default steps as a 16 GB card runs them (fp32: T4, V100), alone, with
-#       --gradient-checkpointing, with --lora-r 16, with both (the second step holds AdamW's state);
+#       --gradient-checkpointing, with --lora-r 16, with both (the second step holds AdamW's state),
+#       and both as a run goes by default: compiled decoding (its static caches) and evaluation on;
+#   (e) fp32 greedy tokens, eager against compiled, before and after one AdamW step
+#       (bench/compiled_greedy.py: rows that part, and the logit gap where they do);
 #   (a) with --tests, in the second call: the test suite with CUDA visible (no notebook tests).
 # (b) and (c) run alone, one after the other (they are timings); (d)'s four runs side by side
 # after them (memory is per process; their times are not reported). Each part stops at DEADLINE
@@ -12,7 +15,7 @@
 # The model has Qwen2.5-0.5B-Instruct's shape with random weights (bench/default_run.py), so every
 # completion runs the full 512 tokens; TOKENIZER is a chat tokenizer's folder (SmolLM2's will do).
 #
-#   bash bench/gpu_check.sh TOKENIZER              # on the GPU machine: (b), (c), (d), ~9 minutes
+#   bash bench/gpu_check.sh TOKENIZER              # on the GPU machine: (b)-(e), ~9 minutes
 #   bash bench/gpu_check.sh TOKENIZER --tests      # then: (a), ~3.5 minutes (bench/README.md)
 #   bash bench/gpu_check.sh TOKENIZER --dry-run    # anywhere, every part: 2 layers, tiny sizes
 set -uo pipefail
@@ -30,11 +33,15 @@ if [[ $MODE == --dry-run ]]; then  # the plumbing only: minutes on a CPU, no fig
     TESTS=(-k "generate or greedy or compiled_decoding")
     SPEED=(--questions 2 --generations 2 --tokens 8 --repeats 1)
     STEP=(--prompts-per-step 2 --num-generations 2 --max-completion-length 8 --micro-batch-size 4)
+    GREEDY=(--rows 2 --tokens 4)
+    EVAL=(--eval-size 3 --eval-batch-size 2 --compile)
     LIMIT=900
 else
     TESTS=(-k "not notebook")  # the notebook's tests: no Jupyter kernel nor nbformat there
     SPEED=(--questions 8 --generations 8 --tokens 512 --repeats 1 --precision bf16)
     STEP=()
+    GREEDY=(--rows 16 --tokens 64)
+    EVAL=()  # grpo.py's own: 200 questions in batches of 32, compiled on CUDA
     LIMIT=180
 fi
 DEADLINE=${DEADLINE:-540}
@@ -62,11 +69,15 @@ default_run.write_random_model('$WORK/model', '$TOKENIZER')"
             --dataset arithmetic --output-dir "$WORK/c_$mode" "${STEP[@]}" "${flag[@]}"
         cp "$WORK/c_$mode/metrics.jsonl" "$LOGS/c_steps_$mode.metrics.jsonl" 2>/dev/null
     done
-    MEMORY=(fp32 fp32_checkpointing fp32_lora16 fp32_checkpointing_lora16)  # (d)'s runs
+    part e_compiled_greedy $PY bench/compiled_greedy.py "$WORK/model" "${GREEDY[@]}" \
+        --json "$LOGS/e_compiled_greedy.json"
+    # (d)'s runs; the last as the 16 GB command runs by default (compiled, evaluation on)
+    MEMORY=(fp32 fp32_checkpointing fp32_lora16 fp32_checkpointing_lora16 fp32_checkpointing_lora16_as_default)
     for name in "${MEMORY[@]}"; do
-        extra=(); [[ $name == *checkpointing* ]] && extra=(--gradient-checkpointing)
-        [[ $name == *lora16 ]] && extra+=(--lora-r 16 --learning-rate 1e-5)
-        part "d_$name" $PY bench/default_run.py "$TOKENIZER" --max-steps 2 --eval-size 0 \
+        extra=(--eval-size 0 --no-compile); [[ $name == *checkpointing* ]] && extra+=(--gradient-checkpointing)
+        [[ $name == *lora16* ]] && extra+=(--lora-r 16 --learning-rate 1e-5)
+        [[ $name == *as_default ]] && extra=(--gradient-checkpointing --lora-r 16 --learning-rate 1e-5 "${EVAL[@]}")
+        part "d_$name" $PY bench/default_run.py "$TOKENIZER" --max-steps 2 \
             --dataset arithmetic --precision fp32 --output-dir "$WORK/d_$name" "${STEP[@]}" \
             "${extra[@]}" &
     done
@@ -87,14 +98,18 @@ print(f"| versions | {read('versions.log').strip()} |")
 if read("a_tests.log"):  # each part's row where it ran
     tests = re.findall(r"^=*\s*(\d+ (?:passed|failed).*?) in ([\d.]+)s", read("a_tests.log"), re.M)
     print(f"| (a) tests, CUDA visible | {'%s, %s s' % tests[-1] if tests else 'no summary: a_tests.log'} |")
-if read("b_decoding.log"):
-    try:
-        b = json.loads(read("b_decoding.json"))
-        print(f"| (b) decoding, {b['rows']} rows, ms per step | eager {b['eager_ms']}, compiled "
-              f"{b['compiled_ms']} (compile {b['compile_s']} s, {b['compilations']} compilations, "
-              f"{b['rows_differ']} rows differ) |")
-    except (KeyError, ValueError):
-        print("| (b) decoding | failed: b_decoding.log |")
+def json_row(name, label, figures):  # a part that writes JSON: its row, or where to look
+    if read(f"{name}.log"):
+        try:
+            print(f"| {label} | {figures(json.loads(read(f'{name}.json')))} |")
+        except (KeyError, ValueError):
+            print(f"| {label} | failed: {name}.log |")
+json_row("b_decoding", "(b) decoding, ms per step", lambda b: f"{b['rows']} rows: eager {b['eager_ms']}, "
+         f"compiled {b['compiled_ms']} (compile {b['compile_s']} s, {b['compilations']} compilations, "
+         f"{b['rows_differ']} rows differ)")
+json_row("e_compiled_greedy", "(e) fp32 greedy, eager against compiled", lambda e: f"{e['before']['rows']} "
+         f"rows; rows that part: {e['before']['rows_differ']} before, {e['after_one_step']['rows_differ']} after "
+         f"one AdamW step; where: {e['before']['where'] + e['after_one_step']['where']}")
 def run(name):  # (seconds per step, peak MB, peak after each step): metrics.jsonl, default_run's JSON
     lines = read(f"{name}.log").strip().splitlines()
     figures = json.loads(lines[-1]) if lines and lines[-1].startswith("{") else {}
