@@ -49,8 +49,8 @@ from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, StaticCache
 
-from rewards import (REWARD_FUNCTIONS, ConfigError, check_chat_template, format_reward,
-                     load_dataset_rows, rows_for_step)
+from rewards import (BUILT_IN_TASKS, REWARD_FUNCTIONS, ConfigError, check_chat_template,
+                     format_reward, load_dataset_rows, rows_for_step)
 
 # ==== Part 1: GRPO ================================================================================
 LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # Qwen2.5's, Llama's
@@ -77,9 +77,9 @@ class Config:
     answer_weight: float = 1.0  # weight of the answer reward (final number equals the gold one)
     # Model and data
     model: str = "Qwen/Qwen2.5-0.5B-Instruct"  # Hub id or local folder of a chat model
-    dataset: str = "openai/gsm8k"  # Hub id; JSON-lines file; folder of train/test.jsonl; arithmetic
+    dataset: str = "openai/gsm8k"  # Hub id, JSON-lines file or folder; arithmetic(3): built in
     dataset_config: str = "main"  # configuration name of a Hub dataset
-    arithmetic_max: int = 49  # the built-in `arithmetic` task: a + b, with a and b from 0 to N
+    arithmetic_max: int = 49  # built-in tasks: a + b (arithmetic), a + b - c; numbers 0 to N
     example_turn: bool = True  # show rewards.py's worked example before each question
     trust_remote_code: bool = False  # let a Hub model run its own Python code (trusted ones only)
     # Optimization, memory, device
@@ -486,7 +486,7 @@ def check_config(cfg: Config) -> None:
         exists = Path(source).expanduser().exists()
         require(exists or not looks_local, f"--{name} {source!r}: no such {what}. Check the "
                                            "path, or pass a Hub id.")
-        from_hub += [] if exists or source == "arithmetic" else [f"--{name} {source}"]
+        from_hub += [] if exists or source in BUILT_IN_TASKS else [f"--{name} {source}"]
     import datasets, huggingface_hub, socket, urllib.parse  # noqa: E401
     if from_hub and not huggingface_hub.constants.HF_HUB_OFFLINE:  # one quick look at the Hub
         host = urllib.parse.urlsplit(huggingface_hub.constants.ENDPOINT).hostname

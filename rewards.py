@@ -4,8 +4,9 @@ the replies. grpo.py knows the task only through this file; to train on your own
 
   make_prompt        the chat messages for one question: a system prompt that asks for tags,
                      and a worked example as an earlier turn
-  load_dataset_rows  rows {question, prompt, answer}: GSM8K from the Hub or JSON lines, or the
-                     built-in `arithmetic` task, which needs no download
+  load_dataset_rows  rows {question, prompt, answer}: GSM8K from the Hub or JSON lines, or a
+                     built-in task, which needs no download: `arithmetic` (a + b) or
+                     `arithmetic3` (a + b - c, two steps, for process supervision)
   rows_for_step      the questions of one training step
 
 The rewards are rules a program checks, as DeepSeek-R1's were (DeepSeekMath's RL scored with a
@@ -53,10 +54,19 @@ EXAMPLE_TURN = [
                                      f"{ANSWER_START}\n21\n{ANSWER_END}"}]
 
 
-def make_prompt(question: str, example_turn: bool = True) -> list[dict]:
+# The worked example of the built-in task of three terms (`arithmetic3`): one equation per step,
+# each a step that process supervision can check (reasoning_steps).
+EXAMPLE_TURN_STEPS = [
+    {"role": "user", "content": "What is 14 + 7 - 5?"},
+    {"role": "assistant", "content": f"{REASONING_START}\n14 + 7 = 21\n21 - 5 = 16\n"
+                                     f"{REASONING_END}\n{ANSWER_START}\n16\n{ANSWER_END}"}]
+
+
+def make_prompt(question: str, example_turn: bool = True,
+                example: list[dict] = EXAMPLE_TURN) -> list[dict]:
     """Chat messages for one question, after the worked example unless `example_turn` is off;
     the tokenizer's chat template turns them into text."""
-    example = EXAMPLE_TURN if example_turn else []
+    example = example if example_turn else []
     return [{"role": "system", "content": SYSTEM_PROMPT}, *example,
             {"role": "user", "content": question}]
 
@@ -292,6 +302,10 @@ REWARD_FUNCTIONS = {"format": format_reward, "answer": answer_reward}
 
 # ---- The questions ----------------------------------------------------------------------------
 
+# The built-in tasks, which need no download, and their number of terms.
+BUILT_IN_TASKS = {"arithmetic": 2, "arithmetic3": 3}
+
+
 class ConfigError(ValueError):
     """Bad input (a flag, a file, a model), found before any long work starts."""
 
@@ -299,13 +313,15 @@ class ConfigError(ValueError):
 def load_dataset_rows(source: str, split: str, dataset_config: str = "main",
                       arithmetic_max: int = 49, seed: int = 0,
                       example_turn: bool = True) -> list[dict]:
-    """Rows {question, prompt, answer} of `arithmetic`, a JSON-lines file, a folder of them, or
-    a Hub dataset; GSM8K's keys: "question" and "answer" (the final answer after '####')."""
-    if source == "arithmetic":
-        raw = arithmetic_problems(arithmetic_max, seed, held_out=split != "train")
+    """Rows {question, prompt, answer} of a built-in task (BUILT_IN_TASKS), a JSON-lines file, a
+    folder of them, or a Hub dataset; GSM8K's keys: "question" and "answer" (after '####')."""
+    if source in BUILT_IN_TASKS:
+        raw = arithmetic_problems(arithmetic_max, seed, held_out=split != "train",
+                                  terms=BUILT_IN_TASKS[source])
     else:
         raw = load_question_answer_rows(source, split, dataset_config)
-    return [{"question": r["question"], "prompt": make_prompt(r["question"], example_turn),
+    example = EXAMPLE_TURN_STEPS if source == "arithmetic3" else EXAMPLE_TURN
+    return [{"question": r["question"], "prompt": make_prompt(r["question"], example_turn, example),
              "answer": extract_gold_answer(r["answer"])} for r in raw]
 
 
@@ -320,13 +336,22 @@ def rows_for_step(rows: list[dict], step: int, prompts_per_step: int, seed: int)
     return picked
 
 
-def arithmetic_problems(largest: int, seed: int, held_out: bool = False) -> list[dict]:
+def arithmetic_problems(largest: int, seed: int, held_out: bool = False,
+                        terms: int = 2) -> list[dict]:
     """Every "What is a + b?" with a and b from 0 to `largest`, in a seeded order; the pairs
-    with (a + 2b) % 5 == 0 (a fifth of them) are held out: evaluated, never trained on."""
-    pairs = [(a, b) for a in range(largest + 1) for b in range(largest + 1)
-             if ((a + 2 * b) % 5 == 0) == held_out]
-    random.Random(seed).shuffle(pairs)
-    return [{"question": f"What is {a} + {b}?", "answer": str(a + b)} for a, b in pairs]
+    with (a + 2b) % 5 == 0 (a fifth of them) are held out: evaluated, never trained on.
+    terms=3: every "What is a + b - c?" with c at most a + b (two steps: a sum, a difference);
+    held out where (a + 2b + 3c) % 5 == 0."""
+    numbers = range(largest + 1)
+    if terms == 2:
+        pairs = [(a, b) for a in numbers for b in numbers if ((a + 2 * b) % 5 == 0) == held_out]
+        random.Random(seed).shuffle(pairs)
+        return [{"question": f"What is {a} + {b}?", "answer": str(a + b)} for a, b in pairs]
+    triples = [(a, b, c) for a in numbers for b in numbers for c in numbers
+               if c <= a + b and ((a + 2 * b + 3 * c) % 5 == 0) == held_out]
+    random.Random(seed).shuffle(triples)
+    return [{"question": f"What is {a} + {b} - {c}?", "answer": str(a + b - c)}
+            for a, b, c in triples]
 
 
 def load_question_answer_rows(source: str, split: str, dataset_config: str = "main"):

@@ -1126,6 +1126,27 @@ def test_arithmetic_task_holds_out_distinct_problems_never_trained_on():
     assert len(default_train) >= 1000 and len(default_test) >= 200
 
 
+def test_the_task_of_three_terms_holds_out_distinct_problems_and_shows_two_checked_steps():
+    """`arithmetic3`: every a + b - c with c <= a + b, each once, a fifth held out; its worked example shows one
+    equation per step, each of which the step checker reads and finds true."""
+    train = rewards.load_dataset_rows("arithmetic3", "train", arithmetic_max=6, seed=5)
+    test = rewards.load_dataset_rows("arithmetic3", "test", arithmetic_max=6, seed=5)
+    triples = []
+    for row in train + test:
+        a, rest = row["question"].removeprefix("What is ").removesuffix("?").split(" + ")
+        b, c = rest.split(" - ")
+        a, b, c = int(a), int(b), int(c)
+        assert 0 <= c <= a + b and max(a, b, c) <= 6 and int(row["answer"]) == a + b - c
+        triples.append((a, b, c))
+    assert sorted(triples) == [(a, b, c) for a in range(7) for b in range(7) for c in range(7) if c <= a + b]
+    assert all((a + 2 * b + 3 * c) % 5 == 0 for a, b, c in triples[len(train):])
+    assert train[0]["prompt"][1:3] == rewards.EXAMPLE_TURN_STEPS  # the example of two steps
+    example = rewards.EXAMPLE_TURN_STEPS[1]["content"]
+    assert [reward for _, reward in rewards.reasoning_steps(example)] == [1.0, 1.0] and rewards.is_strict_format(example)
+    assert rewards.answer_reward([example], ["16"]) == [1.0]
+    assert rewards.load_dataset_rows("arithmetic", "test")[0]["prompt"][1:3] == rewards.EXAMPLE_TURN  # unchanged
+
+
 def test_the_prompt_shows_the_worked_example_as_an_earlier_turn_unless_switched_off():
     with_example, without = rewards.make_prompt("What is 2 + 3?"), rewards.make_prompt("What is 2 + 3?", False)
     assert [m["role"] for m in with_example] == ["system", "user", "assistant", "user"]
@@ -1258,7 +1279,7 @@ def test_without_the_hub_hub_ids_load_from_the_cache_at_once_and_say_what_to_do(
         looked.append((address, timeout))
         raise OSError("no route to host")
     monkeypatch.setattr(socket, "create_connection", unreachable)
-    grpo.check_config(Config(model="nobody/no-such-model", dataset="arithmetic"))
+    grpo.check_config(Config(model="nobody/no-such-model", dataset="arithmetic3"))  # a built-in task: no Hub id
     assert looked == [(("huggingface.co", 443), 3)]
     assert huggingface_hub.constants.HF_HUB_OFFLINE and datasets.config.HF_HUB_OFFLINE
     assert capsys.readouterr().out == ("note: huggingface.co cannot be reached: --model nobody/no-such-model from the "
