@@ -670,7 +670,7 @@ def test_a_sliding_window_model_decodes_eager_with_compile(tmp_path, capsys):
         num_key_value_heads=2, sliding_window=16, initializer_range=0.2, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id)).eval()
     prompts = [rewards.make_prompt(q) for q in ("What is 33 + 4 + 5 + 6?", "What is 1 + 2?")]  # > the window; padded
-    # (without the guard, seen: 3 of these 4 rows differ from generate(), and every step compiles anew)
+    # (without the guard, seen: the 2 rows of the padded prompt differ from generate(); every step compiled anew)
     compiled = generate_completions(model, tokenizer, prompts, 2, 8, 0.0, compiled=True)
     assert compiled.prompt_ids.shape[1] > 4 * 16
     with torch.no_grad():
