@@ -937,7 +937,10 @@ def test_rewards_never_raise_and_stay_in_range_on_any_text():
 @pytest.mark.parametrize("text, expected", [
     ("14 + 7", 21), ("1/3 + 1/6", Fraction(1, 2)), ("0.1 + 0.2", Fraction(3, 10)), ("\u22123 × \u22122", 6),
     ("1,000 + 5", 1005), ("12 ÷ 4 × 3", 9), ("2 * (3 + 4)", 14), ("((((1))))", 1), ("-(2 - 5)", 3), ("+1", 1),
-    ("--1", 1), ("7 - 2 - 1", 4), ("8 / 4 / 2", 1), ("2 + 3 * 4", 14),
+    ("--1", 1), ("7 - 2 - 1", 4), ("8 / 4 / 2", 1), ("2 + 3 * 4", 14), ("1\t+\t1", 2),
+    # the bounds, at and just past them: a number of 100 characters, 20 parentheses deep, 20 signs
+    ("9" * 100, int("9" * 100)), ("(" * 20 + "1" + ")" * 20, 1), ("-" * 15 + "1", -1), ("-" * 20 + "2", 2),
+    ("(" * 21 + "1" + ")" * 21, None), ("-" * 25 + "1", None),
     # not plain arithmetic, or not readable: None, never an exception
     ("1/0", None), ("2^10", None), ("2**3", None), ("2(3)", None), ("1 +", None), ("", None), ("x + 1", None),
     ("(1", None), ("1)", None), ("1,0000", None), ("9" * 101, None), ("(" * 25 + "1" + ")" * 25, None),
@@ -950,7 +953,7 @@ def test_evaluate_arithmetic_exactly(text, expected):
     ("14 + 7 = 21", True), ("14 + 7 = 22", False), ("3 × (4 + 2) = 18 = 9 × 2", True), ("1 = 1 = 2", False),
     ("She makes 9 * 2 = $18.", True), ("Total: 3 + 4 = 7, and 7 - 2 = 5", True), ("3 + 4 = 7, and 7 - 2 = 6", False),
     ("0.1 + 0.2 = 0.3", True), ("1/3 = 0.333", False), ("x = 5", None), ("so the answer is 21", None),
-    ("5 / 0 = 1", None), ("= 5", None), ("a + b = c", None),
+    ("5 / 0 = 1", None), ("= 5", None), ("a + b = c", None), ("$1 + $2 = $3", True),
 ])
 def test_an_equation_holds_or_not_or_is_none(line, holds):
     assert rewards.equation_holds(line) is holds
@@ -967,6 +970,21 @@ def test_reasoning_steps_are_the_equations_of_the_reasoning_block_with_where_the
     assert rewards.reasoning_steps("<reasoning>2 + 2 = 4") == [(20, 1.0)]  # unclosed: to the end of the text
     assert rewards.reasoning_steps("2 + 2 = 4") == [] and rewards.reasoning_steps(None) == []
 
+    def rewards_of(text):
+        return [reward for _, reward in rewards.reasoning_steps(text)]
+    # the first block only, and its own end; a stray end tag before it ends nothing
+    assert rewards_of("<reasoning>\n1 + 1 = 2\n</reasoning>\n3 + 3 = 7\n</reasoning>") == [1.0]
+    assert rewards_of("<reasoning>\n1 + 1 = 2\n</reasoning><reasoning>\n3 + 3 = 7\n</reasoning>") == [1.0]
+    assert rewards_of("</reasoning> <reasoning>\n1 + 1 = 3\n</reasoning>") == [0.0]
+    # a line is read from its own start: a long line before it does not make it too long
+    assert rewards_of("<reasoning>\n" + "x" * 300 + "\n1 + 1 = 2\n</reasoning>") == [1.0]
+    # a line of MAX_STEP_LENGTH characters is a step, one longer is not
+    line = "1 + 1 = " + " " * (rewards.MAX_STEP_LENGTH - 9) + "2"
+    assert len(line) == rewards.MAX_STEP_LENGTH and rewards_of(f"<reasoning>\n{line}\n") == [1.0]
+    assert rewards_of(f"<reasoning>\n {line}\n") == []
+    # a line that ends in "=" (no step) does not hide the next one
+    assert rewards_of("<reasoning>\n1 + 1 =\n2 + 2 = 4\n</reasoning>") == [1.0]
+
 
 def test_the_step_reward_counts_distinct_correct_equations_and_is_bounded():
     """The scalar form (\"each correct step adds 0.2\"), bounded against farming: a repeated equation earns nothing
@@ -978,6 +996,7 @@ def test_the_step_reward_counts_distinct_correct_equations_and_is_bounded():
     assert rewards.step_reward([reply(*["1 + 1 = 2"] * 9)]) == [0.2]  # repeated: once
     assert rewards.step_reward([reply(*[f"{k} + 1 = {k + 1}" for k in range(6)])]) == [1.0]  # capped
     assert rewards.step_reward([reply("1 + 1 = 2", "2 + 2 = 4", "2 + 2 = 5")]) == [pytest.approx(0.4)]
+    assert rewards.step_reward([reply("1 * 0 = 0", "2 * 0 = 0")]) == [pytest.approx(0.4)]  # distinct, whole lines
 
 
 STEP_ADVERSARIAL = {
@@ -1062,8 +1081,10 @@ def test_bad_data_is_a_clear_error(tmp_path, capsys, caplog):
     (tmp_path / "empty.jsonl").write_text("\n")
     assert message(tmp_path / "empty.jsonl") == (f"--dataset file {str(tmp_path / 'empty.jsonl')!r} is empty; it needs "
                                                  "rows with 'question' and 'answer'.")
-    (tmp_path / "list.jsonl").write_text('["Q?", "3"]\n')
+    (tmp_path / "list.jsonl").write_text('["question", "answer"]\n')  # the keys' names, but no object
     assert ", line 1, lacks the key(s) ['answer', 'question']" in message(tmp_path / "list.jsonl")
+    write_jsonl(tmp_path / "gap.jsonl", [good]).write_text(json.dumps(good) + "\n\n" + json.dumps(good) + "\n")
+    assert len(rewards.load_dataset_rows(str(tmp_path / "gap.jsonl"), "train")) == 2  # a blank line ends nothing
     (tmp_path / "broken.jsonl").write_text((json.dumps(good) + "\n") * 6 + "not json\n" + json.dumps(good) + "\n")
     capsys.readouterr()
     text = message(tmp_path / "broken.jsonl")
@@ -1139,7 +1160,10 @@ def test_the_task_of_three_terms_holds_out_distinct_problems_and_shows_two_check
         assert 0 <= c <= a + b and max(a, b, c) <= 6 and int(row["answer"]) == a + b - c
         triples.append((a, b, c))
     assert sorted(triples) == [(a, b, c) for a in range(7) for b in range(7) for c in range(7) if c <= a + b]
-    assert all((a + 2 * b + 3 * c) % 5 == 0 for a, b, c in triples[len(train):])
+    assert set(triples[len(train):]) == {t for t in triples if (t[0] + 2 * t[1] + 3 * t[2]) % 5 == 0}  # held out
+    assert train == rewards.load_dataset_rows("arithmetic3", "train", arithmetic_max=6, seed=5)  # seeded
+    assert train != rewards.load_dataset_rows("arithmetic3", "train", arithmetic_max=6, seed=6)
+    assert rewards.arithmetic_problems(3, 0)[0]["question"].count("+") == 1  # two terms unless asked
     assert train[0]["prompt"][1:3] == rewards.EXAMPLE_TURN_STEPS  # the example of two steps
     example = rewards.EXAMPLE_TURN_STEPS[1]["content"]
     assert [reward for _, reward in rewards.reasoning_steps(example)] == [1.0, 1.0] and rewards.is_strict_format(example)
