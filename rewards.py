@@ -20,7 +20,7 @@ Nothing here raises on odd text: a completion that cannot be read scores 0.
 
 For process supervision (DeepSeekMath, section 4.1.3), a reward for each step of the reasoning:
 
-  reasoning_steps  each line of <reasoning> that states an equation, where it ends, and whether
+  reasoning_steps  each line of <reasoning> that states an equation, where it lies, and whether
                    its arithmetic holds (exact fractions, a small parser: never eval)
   step_reward      the steps as one reward per reply: 0.2 for each distinct equation that holds,
                    at most 1.0
@@ -190,30 +190,25 @@ EQUATION_CHARS = re.compile(r"[\d \t.,+\-*/×÷()=\u2212$]+")
 ARITHMETIC_TOKEN = re.compile(r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|[-+*/×÷()]")
 
 
-def reasoning_steps(completion: str) -> list[tuple[int, float]]:
-    """(end, reward) for each step of the completion's <reasoning> block, in order: `end` is the
-    index in `completion` just after the step's line, `reward` 1.0 if its equation holds, else 0.0.
+def reasoning_steps(completion: str) -> list[tuple[int, int, float]]:
+    """(start, end, reward) for each step of the completion's <reasoning> block, in order:
+    `completion[start:end]` is the step's line, `reward` 1.0 if its equation holds, else 0.0.
     No <reasoning> tag: no steps. An unclosed block runs to the end of the text. Only lines with
     "=" are looked at (found by str.find, so the time is linear), the first MAX_STEPS of them."""
-    if not isinstance(completion, str) or REASONING_START not in completion:
+    if not isinstance(completion, str):
         return []
-    start = completion.index(REASONING_START) + len(REASONING_START)
-    end = completion.find(REASONING_END, start)
-    end = len(completion) if end < 0 else end
-    steps, position = [], start
-    for _ in range(MAX_STEPS):
-        equal = completion.find("=", position, end)
+    before, tag, rest = completion.partition(REASONING_START)
+    block = rest.partition(REASONING_END)[0] + "\n"  # the last line ends where the block does
+    offset, steps, position = len(before) + len(tag), [], 0
+    for _ in range(MAX_STEPS if tag else 0):
+        equal = block.find("=", position)
         if equal < 0:
             break
-        newline = completion.rfind("\n", position, equal)
-        line_start = position if newline < 0 else newline + 1
-        line_end = completion.find("\n", equal, end)
-        line_end = end if line_end < 0 else line_end
-        holds = equation_holds(completion[line_start:line_end]) \
-            if line_end - line_start <= MAX_STEP_LENGTH else None
+        start, end = block.rfind("\n", 0, equal) + 1, block.find("\n", equal)
+        holds = equation_holds(block[start:end]) if end - start <= MAX_STEP_LENGTH else None
         if holds is not None:
-            steps.append((line_end, float(holds)))
-        position = line_end + 1
+            steps.append((offset + start, offset + end, float(holds)))
+        position = end + 1
     return steps
 
 
@@ -288,7 +283,7 @@ def step_reward(completions: list[str], answers: list[str] | None = None) -> lis
     equation that holds, at most 1.0; a repeated one earns nothing more."""
     rewards = []
     for completion in completions:
-        lines = {completion[completion.rfind("\n", 0, end) + 1:end].strip() for end, reward
+        lines = {completion[start:end].strip() for start, end, reward
                  in reasoning_steps(completion) if reward == 1.0}
         rewards.append(min(1.0, STEP_CREDIT * len(lines)))
     return rewards

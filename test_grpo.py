@@ -963,27 +963,30 @@ def test_reasoning_steps_are_the_equations_of_the_reasoning_block_with_where_the
     completion = ("intro 1 + 1 = 2\n<reasoning>\n14 + 7 = 21\n3 × 4 = 13\nso we add\n(2+3)*4 = 20 = 4 × 5\n"
                   "</reasoning>\n<answer>\n21 = 21\n</answer>")
     steps = rewards.reasoning_steps(completion)
-    assert [reward for _, reward in steps] == [1.0, 0.0, 1.0]  # the line before the block and the answer: no steps
-    assert [completion[:end].rsplit("\n", 1)[-1] for end, _ in steps] == ["14 + 7 = 21", "3 × 4 = 13",
-                                                                           "(2+3)*4 = 20 = 4 × 5"]
-    assert all(completion[end] == "\n" for end, _ in steps)
-    assert rewards.reasoning_steps("<reasoning>2 + 2 = 4") == [(20, 1.0)]  # unclosed: to the end of the text
+    assert [reward for _, _, reward in steps] == [1.0, 0.0, 1.0]  # the line before the block, the answer: no steps
+    assert [completion[start:end] for start, end, _ in steps] == ["14 + 7 = 21", "3 × 4 = 13", "(2+3)*4 = 20 = 4 × 5"]
+    assert all(completion[start - 1] == completion[end] == "\n" for start, end, _ in steps)
+    assert rewards.reasoning_steps("<reasoning>2 + 2 = 4") == [(11, 20, 1.0)]  # unclosed: to the end of the text
     assert rewards.reasoning_steps("2 + 2 = 4") == [] and rewards.reasoning_steps(None) == []
 
     def rewards_of(text):
-        return [reward for _, reward in rewards.reasoning_steps(text)]
+        return [reward for _, _, reward in rewards.reasoning_steps(text)]
     # the first block only, and its own end; a stray end tag before it ends nothing
     assert rewards_of("<reasoning>\n1 + 1 = 2\n</reasoning>\n3 + 3 = 7\n</reasoning>") == [1.0]
     assert rewards_of("<reasoning>\n1 + 1 = 2\n</reasoning><reasoning>\n3 + 3 = 7\n</reasoning>") == [1.0]
     assert rewards_of("</reasoning> <reasoning>\n1 + 1 = 3\n</reasoning>") == [0.0]
-    # a line is read from its own start: a long line before it does not make it too long
+    # a line is read from its own start (or the tag's end): a long line before it does not make it too long
     assert rewards_of("<reasoning>\n" + "x" * 300 + "\n1 + 1 = 2\n</reasoning>") == [1.0]
+    assert rewards_of("x" * 300 + "<reasoning>1 + 1 = 2") == rewards_of("\n9 = 8 <reasoning>1 + 1 = 2") == [1.0]
     # a line of MAX_STEP_LENGTH characters is a step, one longer is not
     line = "1 + 1 = " + " " * (rewards.MAX_STEP_LENGTH - 9) + "2"
     assert len(line) == rewards.MAX_STEP_LENGTH and rewards_of(f"<reasoning>\n{line}\n") == [1.0]
     assert rewards_of(f"<reasoning>\n {line}\n") == []
-    # a line that ends in "=" (no step) does not hide the next one
+    # a line that ends in "=", or starts with it (no step), does not hide the next one
     assert rewards_of("<reasoning>\n1 + 1 =\n2 + 2 = 4\n</reasoning>") == [1.0]
+    assert rewards_of("<reasoning>= 1\n1 + 1 = 2") == [1.0]
+    # the first MAX_STEPS lines with "=", no more
+    assert len(rewards.reasoning_steps("<reasoning>" + "1 = 1\n" * 300)) == rewards.MAX_STEPS
 
 
 def test_the_step_reward_counts_distinct_correct_equations_and_is_bounded():
@@ -1031,7 +1034,7 @@ def test_steps_never_raise_on_any_text():
     @hypothesis.given(texts)
     def check(text):
         steps = rewards.reasoning_steps("<reasoning>" + text)
-        assert all(reward in (0.0, 1.0) and 0 < end <= len(text) + 11 for end, reward in steps)
+        assert all(reward in (0.0, 1.0) and 11 <= start < end <= len(text) + 11 for start, end, reward in steps)
         assert 0 <= rewards.step_reward(["<reasoning>" + text])[0] <= 1
     check()
 
@@ -1163,10 +1166,10 @@ def test_the_task_of_three_terms_holds_out_distinct_problems_and_shows_two_check
     assert set(triples[len(train):]) == {t for t in triples if (t[0] + 2 * t[1] + 3 * t[2]) % 5 == 0}  # held out
     assert train == rewards.load_dataset_rows("arithmetic3", "train", arithmetic_max=6, seed=5)  # seeded
     assert train != rewards.load_dataset_rows("arithmetic3", "train", arithmetic_max=6, seed=6)
-    assert rewards.arithmetic_problems(3, 0)[0]["question"].count("+") == 1  # two terms unless asked
+    assert " - " not in rewards.arithmetic_problems(3, 0)[0]["question"]  # two terms unless asked
     assert train[0]["prompt"][1:3] == rewards.EXAMPLE_TURN_STEPS  # the example of two steps
     example = rewards.EXAMPLE_TURN_STEPS[1]["content"]
-    assert [reward for _, reward in rewards.reasoning_steps(example)] == [1.0, 1.0] and rewards.is_strict_format(example)
+    assert [reward for _, _, reward in rewards.reasoning_steps(example)] == [1.0, 1.0] and rewards.is_strict_format(example)
     assert rewards.answer_reward([example], ["16"]) == [1.0]
     assert rewards.load_dataset_rows("arithmetic", "test")[0]["prompt"][1:3] == rewards.EXAMPLE_TURN  # unchanged
 
