@@ -200,7 +200,7 @@ def reasoning_steps(completion: str) -> list[tuple[int, int, float]]:
     before, tag, rest = completion.partition(REASONING_START)
     block = rest.partition(REASONING_END)[0] + "\n"  # the last line ends where the block does
     offset, steps, position = len(before) + len(tag), [], 0
-    for _ in range(MAX_STEPS if tag else 0):
+    for _ in range(MAX_STEPS):  # (no tag: no text after one, so no "=")
         equal = block.find("=", position)
         if equal < 0:
             break
