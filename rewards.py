@@ -186,6 +186,7 @@ def answer_reward(completions: list[str], answers: list[str]) -> list[float]:
 # characters, lines of at most MAX_STEP_LENGTH, parentheses at most MAX_DEPTH deep, and the first
 # MAX_STEPS lines with "=" of a reply (more than 512 tokens hold): bounded work per reply.
 MAX_STEP_LENGTH, MAX_DEPTH, MAX_STEPS = 200, 20, 256
+STEP_CREDIT = 0.2  # step_reward: for each distinct equation that holds
 EQUATION_CHARS = re.compile(r"[\d \t.,+\-*/×÷()=\u2212$]+")
 ARITHMETIC_TOKEN = re.compile(r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|[-+*/×÷()]")
 
@@ -288,9 +289,6 @@ def step_reward(completions: list[str], answers: list[str] | None = None) -> lis
         rewards.append(min(1.0, STEP_CREDIT * len(lines)))
     return rewards
 
-
-STEP_CREDIT = 0.2
-
 # name -> reward function; grpo.py weighs each by its `<name>_weight` config field.
 REWARD_FUNCTIONS = {"format": format_reward, "answer": answer_reward}
 
@@ -315,7 +313,7 @@ def load_dataset_rows(source: str, split: str, dataset_config: str = "main",
                                   terms=BUILT_IN_TASKS[source])
     else:
         raw = load_question_answer_rows(source, split, dataset_config)
-    example = EXAMPLE_TURN_STEPS if source == "arithmetic3" else EXAMPLE_TURN
+    example = EXAMPLE_TURN_STEPS if BUILT_IN_TASKS.get(source) == 3 else EXAMPLE_TURN
     return [{"question": r["question"], "prompt": make_prompt(r["question"], example_turn, example),
              "answer": extract_gold_answer(r["answer"])} for r in raw]
 

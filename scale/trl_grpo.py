@@ -168,8 +168,8 @@ def our_logs(cfg: grpo.Config, seen: dict):
             if seen.get("scored"):  # strictly formatted, since the last log
                 line["format_rate"] = seen.pop("strict") / seen.pop("scored")
             grpo.append_jsonl(out / "metrics.jsonl", [line])
-            if seen.get("texts"):
-                total, _ = grpo.score_completions(seen["texts"], seen["answers"], {
+            if seen.get("texts"):  # log_samples writes the first two: score those only
+                total, _ = grpo.score_completions(seen["texts"][:2], seen["answers"][:2], {
                     name: getattr(cfg, f"{name}_weight") for name in rewards.REWARD_FUNCTIONS})
                 row = {"question": seen["prompts"][0][-1]["content"] if seen.get("prompts") else "",
                        "answer": seen["answers"][0]}
