@@ -3,7 +3,7 @@ GRPO (Group Relative Policy Optimization) in one file, to read beside the paper:
 "DeepSeekMath: Pushing the Limits of Mathematical Reasoning in Open Language Models", 2024,
 arXiv:2402.03300, section 4.1 and Algorithm 1.
 
-Part 1, "GRPO", reads top to bottom in the order of one step, then the loop and evaluation:
+Part 1, "GRPO", reads top to bottom in the order of one step, then the loop:
   1. sample G completions for each of P questions from the current policy
   2. score each completion with rules (rewards.py): a program checks the answer
   3. advantage = reward normalized within its question's group: no critic
@@ -20,26 +20,23 @@ Where this file picks among variants or departs from the paper (each a flag):
   - `loss_type`: `grpo` is the paper's 1/G Σ_i 1/|o_i| Σ_t; `dapo` averages over all tokens
     of the batch (DAPO); `dr_grpo` divides by a constant and drops the std from Â (Dr. GRPO).
   - the clip range may be asymmetric, [1 - epsilon_low, 1 + epsilon_high] (DAPO).
-  - the KL term is k3 weighted by the ratio ρ (`k3_ratio`, as DeepSeek-V3.2): as a loss, its
-    gradient is that of KL(π_θ || π_ref), on and off policy. The paper's plain k3 (one flag away)
-    gives, on policy, the gradient of the other KL, KL(π_ref || π_θ) (README: the KL's gradient).
+  - the KL term is k3 weighted by the ratio ρ (`k3_ratio`, as DeepSeek-V3.2): its gradient is
+    that of KL(π_θ || π_ref) per token, on and off policy; the paper's k3, on policy, that of
+    KL(π_ref || π_θ). Of the KL of whole completions only `k1_to_go`, on policy: the KL summed
+    to go in Â, not in the loss (Tang and Munos, arXiv 2506.09477; verl's use_kl_in_reward).
+  - `advantage`, the gradient coefficient (the paper's section 5.2): `grpo`; `online_rft`, 1 for a
+    right answer, else 0 (eq. 10); `grpo_batch_std`, the batch's std (TRL's scale_rewards="batch").
+  - `supervision process`: the paper's process supervision (section 4.1.3), the steps checked by
+    rules (rewards.py), not a learned reward model. `mini_batches`: verl's PPO mini-batches.
   - the reference can be reset to the policy every N steps (the paper's iterative GRPO); with
     LoRA (`--lora-r`) it is the policy with its adapter switched off.
-  - rewards are rules on the outcome, as DeepSeek-R1's (DeepSeekMath's RL used a learned reward
-    model, and also per-step rewards); a reply without <answer> is read by its last number.
+  - rewards are rules, as DeepSeek-R1's (DeepSeekMath's RL used learned reward models); a reply
+    without <answer> is read by its last number.
 
 Shapes: B = P*G completions, Tp prompt and T completion tokens, H hidden size, V vocabulary.
 """
 
-import argparse
-import functools
-import importlib.util
-import json
-import re
-import shutil
-import signal
-import sys
-import time
+import argparse, functools, importlib.util, inspect, json, re, shutil, signal, sys, time  # noqa
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -47,10 +44,11 @@ from pathlib import Path
 import torch
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, StaticCache
+from transformers import AutoModelForCausalLM, StaticCache
 
-from rewards import (BUILT_IN_TASKS, REWARD_FUNCTIONS, ConfigError, check_chat_template,
-                     format_reward, load_dataset_rows, rows_for_step)
+from rewards import (REWARD_FUNCTIONS, ConfigError, check_sources, format_reward, load_dataset_rows,
+                     load_tokenizer, quiet_libraries, rows_for_step, step_statistics,
+                     step_token_ends)
 
 # ==== Part 1: GRPO ================================================================================
 LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # Qwen2.5's, Llama's
@@ -64,17 +62,21 @@ class Config:
     max_completion_length: int = 512  # new tokens per completion; one cut here is truncated
     temperature: float = 1.0  # sampling temperature; log-probs are computed at the same one
     beta: float = 0.04  # KL coefficient; 0 loads no reference model at all
-    kl_estimator: str = "k3_ratio"  # KL term: k3_ratio (ratio x k3: the true gradient), k3, k2
+    kl_estimator: str = "k3_ratio"  # KL term: k3_ratio (ratio x k3), k3, k2; k1_to_go: in the Â
     epsilon_low: float = 0.2  # ratio clip below: 1 - epsilon_low
     epsilon_high: float = 0.2  # ratio clip above: 1 + epsilon_high
-    mu: int = 1  # optimizer steps per generated batch (the paper's μ)
+    mu: int = 1  # passes over each generated batch (the paper's μ)
+    mini_batches: int = 1  # optimizer steps per pass, each on 1/N of the batch (verl's)
+    advantage: str = "grpo"  # gradient coefficient (Table 10): grpo, grpo_batch_std, online_rft
+    supervision: str = "outcome"  # outcome: one reward per reply; process: one per step too
     loss_type: str = "grpo"  # token aggregation: grpo (paper), dapo (token mean), dr_grpo
     ref_sync_every: int = 0  # copy the policy into the reference every N steps; 0 = never
     learning_rate: float = 1e-6  # AdamW learning rate (constant)
     max_steps: int = 200  # GRPO steps (each: one generation, then mu optimizer steps)
-    # Rewards (rewards.py): total = format_weight * format + answer_weight * answer
+    # Rewards (rewards.py): total = Σ name_weight * name, over format, answer and step
     format_weight: float = 0.5  # weight of the format reward (<reasoning>, then <answer>)
     answer_weight: float = 1.0  # weight of the answer reward (final number equals the gold one)
+    step_weight: float = 0.0  # weight of the step reward (0.2 per distinct true equation, to 1)
     # Model and data
     model: str = "Qwen/Qwen2.5-0.5B-Instruct"  # Hub id or local folder of a chat model
     dataset: str = "openai/gsm8k"  # Hub id, JSON-lines file or folder; arithmetic(3): built in
@@ -171,15 +173,6 @@ def sample_tokens(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     u = torch.rand(len(cdf), 1, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]  # [B, 1]
     return torch.searchsorted(cdf, u, right=True).squeeze(-1)  # [B] first index with cdf > u
 
-def prompt_cache(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, repeats: int):
-    """Keys and values of each prompt but its last token, computed once and repeated for its G
-    completions. The pass that takes the cache feeds the last token: it predicts the first one."""
-    position_ids = (prompt_mask.cumsum(dim=1) - 1).clamp(min=0)  # left padding: real tokens only
-    cache = model.get_decoder()(input_ids=prompt_ids[:, :-1], attention_mask=prompt_mask[:, :-1],
-                                position_ids=position_ids[:, :-1], use_cache=True).cache
-    cache.batch_repeat_interleave(repeats)  # row i of the cache is prompt i // repeats
-    return cache
-
 def completion_mask(ids: torch.Tensor, eos_token_ids: list[int]) -> torch.Tensor:
     """1 up to and including the first EOS, 0 after it; all 1 without one (truncated). From
     positions, never from pad_token_id: many tokenizers pad with the EOS token."""
@@ -195,21 +188,40 @@ def score_completions(completions: list[str], answers: list[str], weights: dict[
     total = sum(weights[name] * reward for name, reward in components.items())
     return total, components
 
-def group_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool = True,
+def group_advantages(rewards: torch.Tensor, group_size: int, std: str = "group",
                      eps: float = 1e-4) -> torch.Tensor:
-    """Â_i = (r_i - mean(r)) / (std(r) + eps) within each group of `group_size` neighbours (sample
-    std, N - 1; Dr. GRPO drops it). Equal rewards give Â = 0 exactly."""
+    """Â_i = (r_i - mean(r)) / (std(r) + eps), the mean over each group of `group_size` neighbours,
+    the sample std (N - 1) over the group, or the whole batch (std="batch"); "none": Dr. GRPO's
+    r_i - mean(r). Equal rewards in a group give Â = 0 exactly."""
     grouped = rewards.view(-1, group_size)  # [P, G]
     advantages = grouped - grouped.mean(dim=1, keepdim=True)  # [P, G]
-    if scale_by_std:
-        advantages = advantages / (grouped.std(dim=1, keepdim=True) + eps)
+    if std != "none":
+        scale = rewards.std() if std == "batch" else grouped.std(dim=1, keepdim=True)
+        advantages = advantages / (scale + eps)
     all_equal = (grouped == grouped[:, :1]).all(dim=1, keepdim=True)  # [P, 1]: teaches nothing
     return advantages.masked_fill(all_equal, 0.0).view(-1)  # [B]
 
+def process_advantages(steps: list[list[tuple[int, float]]], group_size: int, length: int,
+                       eps: float = 1e-4) -> torch.Tensor:
+    """Process supervision (the paper's section 4.1.3). steps[i]: (token index, reward) of each step
+    of completion i. Each reward normalized over all steps of its group, r̃ = (r - mean(R)) /
+    (std(R) + eps); Â_it = Σ r̃ of the steps of completion i ending at t or after. [B, length]"""
+    normalized = torch.zeros(len(steps), length)  # [B, T]: r̃ at the token that ends its step
+    for g in range(0, len(steps), group_size):
+        R = torch.tensor([r for i in range(g, g + group_size) for _, r in steps[i]])  # the group's
+        if len(R) > 1 and (R != R[0]).any():  # all equal: Â = 0, as with outcomes
+            for i in range(g, g + group_size):
+                for t, r in steps[i]:
+                    normalized[i, t] += (r - R.mean()) / (R.std() + eps)
+    return reward_to_go(normalized)
+
+def reward_to_go(rewards: torch.Tensor) -> torch.Tensor:
+    """[B, T] -> [B, T]: at t, the sum of the rewards at t and after it."""
+    return rewards.flip(1).cumsum(dim=1).flip(1)
+
 # ---- 4. Log-probs of the completion tokens ------------------------------------------------------
 def per_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    completion_length: int, temperature: float = 1.0,
-                    chunk_size: int = 1024) -> torch.Tensor:
+                    completion_length: int, temperature: float = 1.0, chunk_size: int = 1024):
     """log π(o_t | q, o_<t) = logit[o_t] - logsumexp(logits) of the last `completion_length` tokens
     of each row, logits = lm_head(h) / temperature (the sampler's, or another policy is scored),
     over chunks of tokens recomputed in backward: no [B, T, V] tensor ever exists."""
@@ -218,14 +230,7 @@ def per_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     input_ids, attention_mask = input_ids[:, first:], attention_mask[:, first:]  # [B, Tp + T]
     position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # as generate() numbered them
     Tp = input_ids.shape[1] - T
-    # One group: its prompt runs once for all rows (not under checkpointing: all passes alike)
-    prompts = torch.stack([input_ids[:, :Tp], attention_mask[:, :Tp]])  # [2, B, Tp]
-    one_prompt = len(input_ids) > 1 and Tp > 1 and bool((prompts == prompts[:, :1]).all())
-    checkpointing = any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
-    start, cache = 0, None
-    if one_prompt and not checkpointing:
-        start = Tp - 1  # the pass below starts at the prompt's last token
-        cache = prompt_cache(model, input_ids[:1, :Tp], attention_mask[:1, :Tp], len(input_ids))
+    start, cache = shared_prompt(model, input_ids, attention_mask, Tp)  # one group: its prompt once
     hidden = model.get_decoder()(input_ids=input_ids[:, start:], attention_mask=attention_mask,
                                  position_ids=position_ids[:, start:], cache=cache,
                                  use_cache=cache is not None).last_hidden_state  # [B, *, H]
@@ -241,14 +246,6 @@ def per_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
         chunks.append(checkpoint(chunk_logps, *args, use_reentrant=False)
                       if torch.is_grad_enabled() else chunk_logps(*args))
     return torch.cat(chunks).view_as(targets)  # [B, T]
-
-def frozen_logps(model, input_ids, attention_mask, completion_length: int, cfg: Config, autocast):
-    """Log-probs that the update does not change (old policy, reference), in micro-batches."""
-    mb = cfg.micro_batch_size
-    with torch.no_grad(), autocast:
-        return torch.cat([per_token_logps(model, input_ids[i:i + mb], attention_mask[i:i + mb],
-                                          completion_length, cfg.temperature, cfg.logp_chunk_size)
-                          for i in range(0, len(input_ids), mb)])  # [B, T]
 
 # ---- 5. The loss --------------------------------------------------------------------------------
 def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str,
@@ -268,17 +265,23 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, beta: float, epsilo
               epsilon_high: float, loss_type: str, max_completion_length: int,
               kl_estimator: str = "k3_ratio", num_sequences: int | None = None,
               num_tokens: int | None = None):
-    """The negated GRPO objective, and its diagnostics. Per token,
-        X_it = -min(ρ_it Â_i, clip(ρ_it, 1 - ε_low, 1 + ε_high) Â_i) + β KL_it, then
+    """The negated GRPO objective, and its diagnostics. Per token, Â_it given per token ([B, T]) or
+    per completion ([B]: the same on each of its tokens),
+        X_it = -min(ρ_it Â_it, clip(ρ_it, 1 - ε_low, 1 + ε_high) Â_it) + β KL_it, then
     grpo: 1/B Σ_i 1/|o_i| Σ_t X_it (the paper); dapo: Σ_it X_it / Σ_i |o_i|; dr_grpo:
-    Σ_it X_it / (B * max_completion_length). B, Σ|o_i|: the whole batch's (micro-batches sum)."""
+    Σ_it X_it / (B * max_completion_length). B, Σ|o_i|: the whole batch's (micro-batches sum).
+    k1_to_go: no KL_it; Â_it - β Σ_{t' >= t} k1_it' instead (k1 of the sample: of π_θ_old)."""
     mask = mask.float()  # [B, T]
     ratio = torch.exp(logp - old_logp)  # [B, T]
-    A = advantages[:, None]  # [B, 1]
+    A = advantages.view(len(logp), -1)  # [B, 1] one per completion, or [B, T] one per token
+    in_reward = kl_estimator == "k1_to_go" and ref_logp is not None
+    if in_reward:  # the KL of the whole completion as a reward-to-go: through ρ, like a reward
+        A = A - beta * reward_to_go((old_logp - ref_logp) * mask)  # [B, T]
     clipped = ratio.clamp(1 - epsilon_low, 1 + epsilon_high)  # [B, T]
     per_token = -torch.minimum(ratio * A, clipped * A)  # [B, T]
-    kl = kl_estimate(logp, ref_logp, kl_estimator, old_logp) if ref_logp is not None else None
-    if kl is not None and beta != 0:
+    kind = "k1" if in_reward else kl_estimator  # (k1: what the diagnostics report)
+    kl = kl_estimate(logp, ref_logp, kind, old_logp) if ref_logp is not None else None
+    if kl is not None and beta != 0 and not in_reward:
         per_token = per_token + beta * kl  # plus: the KL is a penalty on the objective
     num_sequences, num_tokens = num_sequences or logp.shape[0], num_tokens or mask.sum()
     if loss_type == "grpo":
@@ -299,7 +302,7 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, beta: float, epsilo
                        "ratio_mean": token_mean(ratio)}
     return loss, diagnostics
 
-# ---- One step, the loop, evaluation -------------------------------------------------------------
+# ---- One step, the loop ------------------------------------------------------------------------
 def grpo_step(policy, reference, tokenizer, optimizer, rows: list[dict], cfg: Config,
               autocast=nullcontext()):
     """One GRPO step on `rows` (P questions). Returns (metrics, rollout, rewards, advantages)."""
@@ -308,35 +311,43 @@ def grpo_step(policy, reference, tokenizer, optimizer, rows: list[dict], cfg: Co
         rollout = generate_completions(policy, tokenizer, [r["prompt"] for r in rows], G,
                                        cfg.max_completion_length, cfg.temperature, autocast,
                                        cfg.compile)
+    mask, (B, T) = rollout.completion_mask, rollout.completion_mask.shape  # [B, T]
     with timed(times, "time/score", device):  # 2. rewards, 3. advantages within each group
         answers = [r["answer"] for r in rows for _ in range(G)]
         weights = {name: getattr(cfg, f"{name}_weight") for name in REWARD_FUNCTIONS}
         rewards, components = score_completions(rollout.texts, answers, weights)  # [B]
-        advantages = group_advantages(rewards, G, cfg.loss_type != "dr_grpo").to(device)  # [B]
+        std = "batch" if cfg.advantage == "grpo_batch_std" else "group"
+        advantages = group_advantages(rewards, G, "none" if cfg.loss_type == "dr_grpo" else std)
+        if cfg.advantage == "online_rft":  # the paper's eq. 10: 1 for a right answer, else 0
+            advantages = components["answer"]
+        if cfg.supervision == "process":  # the reply's reward is its last step's: the answer's
+            steps = [[*step_token_ends(tokenizer, ids[:n], text), (n - 1, reward)]
+                     for ids, n, text, reward in zip(rollout.completion_ids.tolist(),
+                     mask.sum(dim=1).tolist(), rollout.texts, rewards.tolist())]
+            advantages = process_advantages(steps, G, T)  # [B, T]
+        advantages = advantages.to(device)
     # 4. Log-probs that stay fixed during the update: old policy (mu > 1), reference (beta > 0).
     input_ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], dim=1)  # [B, Tp + T]
     attention_mask = torch.cat([rollout.prompt_mask, rollout.completion_mask], dim=1)
-    mask = rollout.completion_mask  # [B, T]
-    T, B = mask.shape[1], len(input_ids)
     with timed(times, "time/logps", device):
         old_logp, ref_logp = None, None
-        if cfg.mu > 1:  # π_θ_old: the policy as it sampled
+        if cfg.mu > 1 or cfg.mini_batches > 1:  # π_θ_old: the policy as it sampled
             old_logp = frozen_logps(policy, input_ids, attention_mask, T, cfg, autocast)
         if cfg.beta > 0:  # with LoRA the reference is the policy with its adapter switched off
             with policy.disable_adapter() if reference is None else nullcontext():
                 ref_logp = frozen_logps(reference if reference is not None else policy,
                                         input_ids, attention_mask, T, cfg, autocast)
-    # 5. mu optimizer steps on this batch, each accumulating the gradient over micro-batches.
+    # 5. mu passes over this batch, an optimizer step per mini-batch, over micro-batches each.
     loss_settings = {name: getattr(cfg, name) for name in ("beta", "epsilon_low", "epsilon_high",
                      "loss_type", "max_completion_length", "kl_estimator")}
-    loss_settings.update(num_sequences=B, num_tokens=int(mask.sum()))  # the whole batch's
     losses, diagnostics = [], []
     with timed(times, "time/update", device):
         policy.train()
-        for _ in range(cfg.mu):
+        batches = [b for _ in range(cfg.mu) for b in torch.arange(B).chunk(cfg.mini_batches)]
+        for batch in batches:
             optimizer.zero_grad(set_to_none=True)
-            for i in range(0, B, cfg.micro_batch_size):
-                mb = slice(i, i + cfg.micro_batch_size)
+            loss_settings.update(num_sequences=len(batch), num_tokens=int(mask[batch].sum()))
+            for mb in batch.split(cfg.micro_batch_size):
                 with autocast:
                     logp = per_token_logps(policy, input_ids[mb], attention_mask[mb], T,
                                            cfg.temperature, cfg.logp_chunk_size)  # [b, T]
@@ -351,7 +362,7 @@ def grpo_step(policy, reference, tokenizer, optimizer, rows: list[dict], cfg: Co
             require_finite(grad_norm, "the gradient")
             optimizer.step()
     policy.eval()
-    metrics = step_metrics(rollout, rewards, components, G, sum(losses) / cfg.mu, grad_norm,
+    metrics = step_metrics(rollout, rewards, components, G, sum(losses) / len(batches), grad_norm,
                            optimizer, diagnostics, device)
     return {**times, **metrics}, rollout, rewards, advantages
 
@@ -405,19 +416,6 @@ def train(cfg: Config) -> dict:
     compiled_decoder.cache_clear()  # the compiled decoding step and its caches: freed
     return write_results(cfg, results)
 
-def evaluate(model, tokenizer, rows: list[dict], batch_size: int = 32,
-             max_completion_length: int = 512, autocast=nullcontext(), compiled=False) -> dict:
-    """Greedy accuracy (answer reward = 1) and format rate (strict format) on `rows`."""
-    correct, formatted = 0, 0
-    for i in tqdm(range(0, len(rows), batch_size), "evaluating", disable=None, leave=False):
-        batch = rows[i:i + batch_size]
-        texts = generate_completions(model, tokenizer, [r["prompt"] for r in batch], 1,
-                                     max_completion_length, 0.0, autocast, compiled).texts
-        correct += sum(REWARD_FUNCTIONS["answer"](texts, [r["answer"] for r in batch]))
-        formatted += sum(r == 1.0 for r in format_reward(texts))  # the strict format only
-    return {"accuracy": correct / max(len(rows), 1), "format_rate": formatted / max(len(rows), 1),
-            "n": len(rows)}
-
 # ==== Part 2: Machinery (flags, devices, loading, checkpoints, logs, main) ========================
 LOSS_TYPES, KL_ESTIMATORS = ("grpo", "dapo", "dr_grpo"), ("k1", "k2", "k3", "k3_ratio")
 # What --resume may change (length, step size, machine, memory, logs); the rest is the run's own.
@@ -428,15 +426,15 @@ CHANGEABLE_ON_RESUME = ("resume", "max_steps", "output_dir", "learning_rate", "w
 def require(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
-
 def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
-CHOICES = {"loss_type": (*LOSS_TYPES, "bnpo"), "kl_estimator": KL_ESTIMATORS,
+CHOICES = {"loss_type": (*LOSS_TYPES, "bnpo"), "kl_estimator": (*KL_ESTIMATORS, "k1_to_go"),
+           "advantage": ("grpo", "grpo_batch_std", "online_rft"),
+           "supervision": ("outcome", "process"),
            "precision": ("auto", "fp32", "bf16"), "device": ("auto", "cuda", "mps", "cpu")}
 
 def flag_parser(prog: str = "grpo.py") -> argparse.ArgumentParser:
     """Every Config field as a flag; one not typed stays out of the namespace (no default)."""
-    import inspect
     docs = {name: text.replace("%", "%%") for name, text in  # argparse formats % in help
             re.findall(r"^    (\w+): .+?  # (.+)$", inspect.getsource(Config), re.MULTILINE)}
     parser = argparse.ArgumentParser(prog, description="GRPO in one file. Example, nothing from "
@@ -464,8 +462,9 @@ def check_config(cfg: Config) -> None:
     """Fail at once, with the fix, on settings that would otherwise fail late or silently."""
     require(cfg.num_generations >= 2, f"--num-generations is {cfg.num_generations}; GRPO "
             "compares completions within a group, so use 2 or more (8 is usual).")
-    for name in ("prompts_per_step max_completion_length max_steps mu temperature micro_batch_size "
-                 "logp_chunk_size eval_batch_size learning_rate arithmetic_max").split():
+    for name in ("prompts_per_step max_completion_length max_steps mu mini_batches temperature "
+                 "micro_batch_size logp_chunk_size eval_batch_size learning_rate arithmetic_max"
+                 ).split():
         require(getattr(cfg, name) > 0, f"{flag(name)} is {getattr(cfg, name)}; it must be > 0.")
     for name in ("eval_size", "save_every", "log_samples_every", "ref_sync_every", "lora_r",
                  "beta", "weight_decay"):
@@ -477,25 +476,13 @@ def check_config(cfg: Config) -> None:
     for name, choices in CHOICES.items():
         require(getattr(cfg, name) in choices, f"{flag(name)} {getattr(cfg, name)!r} is "
                                                f"unknown; choose one of {', '.join(choices)}.")
+    require(cfg.prompts_per_step * cfg.num_generations % cfg.mini_batches == 0, f"--mini-batches "
+            f"{cfg.mini_batches} must divide a step's completions, P*G.")
+    require(cfg.supervision == "outcome" or cfg.advantage == "grpo", "--supervision process "
+            "normalizes the steps' rewards over their group: use it with --advantage grpo.")
     require(not (cfg.lora_r and cfg.ref_sync_every), "--ref-sync-every needs full fine-tuning: "
             "with LoRA the reference is the base model itself. Set one of them to 0.")
-    from_hub = []
-    for name, what in (("model", "model folder"), ("dataset", "data file or folder")):
-        source = getattr(cfg, name)  # a Hub id is "name" or "owner/name" (no .jsonl); else a path
-        looks_local = not re.fullmatch(r"(?!.*\.jsonl?$)\w[\w.-]*(/[\w.-]+)?", source)
-        exists = Path(source).expanduser().exists()
-        require(exists or not looks_local, f"--{name} {source!r}: no such {what}. Check the "
-                                           "path, or pass a Hub id.")
-        from_hub += [] if exists or source in BUILT_IN_TASKS else [f"--{name} {source}"]
-    import datasets, huggingface_hub, socket, urllib.parse  # noqa: E401
-    if from_hub and not huggingface_hub.constants.HF_HUB_OFFLINE:  # one quick look at the Hub
-        host = urllib.parse.urlsplit(huggingface_hub.constants.ENDPOINT).hostname
-        try:
-            socket.create_connection((host, 443), timeout=3).close()
-        except OSError:  # without it, the cache at once, as with HF_HUB_OFFLINE=1
-            huggingface_hub.constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
-            print(f"note: {host} cannot be reached: {', '.join(from_hub)} from the cache only. "
-                  "Without the Hub: --model ./folder, --dataset arithmetic or a JSON-lines file.")
+    check_sources(cfg.model, cfg.dataset)  # paths that exist, or Hub ids: reachable, or cached
 
 def run_config(output_dir: Path) -> dict:
     """The settings of the run in output_dir: its latest checkpoint's, else results.json's."""
@@ -523,7 +510,7 @@ def check_output_dir(cfg: Config) -> None:
         if run.get(name, getattr(cfg, name)) != getattr(cfg, name):
             print(f"--resume: {flag(name)} {run[name]!r} -> {getattr(cfg, name)!r}")
 
-# ---- Devices, precision, time and memory, the compiled decoding step ----------------------------
+# ---- Devices, precision, time and memory, the prompt's cache, the compiled decoding step --------
 GPUS = {"cuda": torch.cuda, "mps": torch.mps}  # each with is_available and its random state
 NO_FLOAT64 = {"mps"}  # devices without float64: sample_tokens draws there with torch.multinomial
 
@@ -532,7 +519,6 @@ def pick_device(name: str) -> torch.device:
     name = found[0] if name == "auto" else name
     require(name in found, f"--device {name}: torch finds none. Use --device auto.")
     return torch.device(name)
-
 def autocast_for(device: torch.device, precision: str):
     """bf16 autocast over fp32 weights (bf16 weights lose AdamW's updates), or nothing. "auto": bf16
     on GPUs with native bf16 (A100, L4, RTX 30xx, H100), else fp32 (Qwen2 overflows in fp16)."""
@@ -561,6 +547,29 @@ def peak_memory_mb(device: torch.device) -> float | None:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, else KiB
 
+def frozen_logps(model, input_ids, attention_mask, completion_length: int, cfg: Config, autocast):
+    """Log-probs that the update does not change (old policy, reference), in micro-batches."""
+    mb = cfg.micro_batch_size
+    with torch.no_grad(), autocast:
+        return torch.cat([per_token_logps(model, input_ids[i:i + mb], attention_mask[i:i + mb],
+                                          completion_length, cfg.temperature, cfg.logp_chunk_size)
+                          for i in range(0, len(input_ids), mb)])  # [B, T]
+def shared_prompt(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, Tp: int):
+    """(Tp - 1, its cache) if all rows share a prompt of Tp > 1 tokens, else (0, None); (0, None)
+    under checkpointing too, so that all passes compute alike."""
+    prompts = torch.stack([input_ids[:, :Tp], attention_mask[:, :Tp]])  # [2, B, Tp]
+    one_prompt = len(input_ids) > 1 and Tp > 1 and bool((prompts == prompts[:, :1]).all())
+    if not one_prompt or any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
+        return 0, None
+    return Tp - 1, prompt_cache(model, input_ids[:1, :Tp], attention_mask[:1, :Tp], len(input_ids))
+def prompt_cache(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, repeats: int):
+    """Keys and values of each prompt but its last token, computed once and repeated for its G
+    completions. The pass that takes the cache feeds the last token: it predicts the first one."""
+    position_ids = (prompt_mask.cumsum(dim=1) - 1).clamp(min=0)  # left padding: real tokens only
+    cache = model.get_decoder()(input_ids=prompt_ids[:, :-1], attention_mask=prompt_mask[:, :-1],
+                                position_ids=position_ids[:, :-1], use_cache=True).cache
+    cache.batch_repeat_interleave(repeats)  # row i of the cache is prompt i // repeats
+    return cache
 def compiled_decoding(model, cache, attention_mask: torch.Tensor, bucket: int = 256):
     """The prompts' cache copied into a static one of L >= Tp + T slots (a multiple of `bucket`),
     the mask padded to L, and the decoder compiled: each step of B rows has the same shapes."""
@@ -591,19 +600,8 @@ def compiles_by_default(device: torch.device) -> bool:  # where it is faster: be
     return device.type == "cuda" and importlib.util.find_spec("triton") is not None and \
         torch.cuda.get_device_capability(device) >= (7, 0)  # Triton's GPUs: V100 and later
 
-# ---- Tokenizer, models, LoRA --------------------------------------------------------------------
-def load_tokenizer(name: str, trust_remote_code: bool = False):
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as error:
-        raise ConfigError(f"--model {name!r} cannot be loaded ({error}). Pass a Hub id or a "
-                          "local folder with config.json, weights and tokenizer.") from None
-    check_chat_template(tokenizer, name)  # the task's prompt (rewards.py) must fit its template
-    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
-    return tokenizer
-
-def load_model(name: str, device: torch.device, dtype=torch.float32,
-               trust_remote_code: bool = False):
+# ---- Models, LoRA -------------------------------------------------------------------------------
+def load_model(name: str, device: torch.device, dtype=torch.float32, trust_remote_code=False):
     """A causal LM from safetensors weights, in `dtype`, on `device`."""
     try:
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, use_safetensors=True,
@@ -635,10 +633,9 @@ def add_lora(model, cfg: Config, adapter_dir: Path | None = None):
         from peft import LoraConfig, PeftModel, get_peft_model
     except ImportError:
         raise ConfigError("--lora-r needs the peft library: pip install peft") from None
+    quiet_libraries()  # and no notice of peft's read of an attribute transformers 5 deprecates
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,  # one policy
                       target_modules=cfg.lora_target_modules.split(","), task_type="CAUSAL_LM")
-    import warnings  # peft reads an attribute that transformers 5 deprecates: not for our users
-    warnings.filterwarnings("ignore", "`is_gradient_checkpointing`", FutureWarning)
     if adapter_dir is not None:
         return PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
     try:
@@ -649,8 +646,7 @@ def add_lora(model, cfg: Config, adapter_dir: Path | None = None):
         raise ConfigError(f"--lora-target-modules {cfg.lora_target_modules!r}: {error} "
                           f"This model's linear layers are named: {','.join(linear)}.") from None
 
-def load_policy_and_reference(cfg: Config, device: torch.device,
-                              checkpoint_dir: Path | None = None):
+def load_policy_and_reference(cfg: Config, device: torch.device, checkpoint_dir=None):
     """The trainable policy (fp32) and the frozen reference (None if beta = 0 or with LoRA)."""
     remote, reference = cfg.trust_remote_code, None
     weights = cfg.model if cfg.lora_r or checkpoint_dir is None else str(checkpoint_dir)
@@ -664,8 +660,7 @@ def load_policy_and_reference(cfg: Config, device: torch.device,
         synced = checkpoint_dir is not None and cfg.ref_sync_every
         weights = str(checkpoint_dir / "reference" if synced else cfg.model)
         print(f"loading the reference: {weights}")
-        reference = load_model(weights, device, trust_remote_code=remote).eval()
-        reference.requires_grad_(False)
+        reference = load_model(weights, device, torch.float32, remote).eval().requires_grad_(False)
     checkpointed = [m for m in (policy, reference) if m is not None and cfg.gradient_checkpointing]
     for model in checkpointed:  # the reference too: its passes then compute as the policy's
         model.activation_checkpointing_enable({"use_reentrant": False})  # torch recommends it
@@ -677,9 +672,7 @@ def load_policy_and_reference(cfg: Config, device: torch.device,
 def latest_checkpoint(output_dir: Path) -> Path | None:
     found = sorted(output_dir.glob("checkpoint-*[0-9]"), key=lambda p: int(p.name.split("-")[1]))
     return found[-1] if found else None
-
-def save_checkpoint(output_dir: Path, step: int, policy, reference, tokenizer, optimizer,
-                    cfg: Config) -> Path:
+def save_checkpoint(output_dir: Path, step: int, policy, reference, tokenizer, optimizer, cfg):
     """checkpoint-<step> (weights or adapter, tokenizer, optimizer, RNG), then the old one goes."""
     path, tmp = output_dir / f"checkpoint-{step}", output_dir / f"checkpoint-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -747,7 +740,7 @@ def stop_run(output_dir: Path, completed: int, reason: BaseException, *to_save) 
     plot_curves(output_dir / "metrics.jsonl", output_dir / "curves.png")
     sys.exit(f"\ninterrupted: saved {path}; continue with --resume --output-dir {output_dir}")
 
-# ---- Metrics, the silent failures, logs, plots, main --------------------------------------------
+# ---- Evaluation, metrics, the silent failures, logs, plots, main --------------------------------
 PATIENCE, MOST, KL_LIMIT = 3, 0.5, 0.5  # steps in a row; a fraction of the batch; KL per token
 DIAGNOSTICS = {  # said once by log_step: name: (steps in a row, condition, what it means and to do)
     "truncated": (PATIENCE, lambda m: m["completion/truncated_frac"] > MOST, "most completions "
@@ -765,7 +758,6 @@ DIAGNOSTICS = {  # said once by log_step: name: (steps in a row, condition, what
 def require_finite(value: torch.Tensor, what: str) -> None:
     if not torch.isfinite(value):
         raise FloatingPointError(f"{what} is not finite. Lower --learning-rate, or use fp32.")
-
 def step_metrics(rollout: Rollout, rewards, components, group_size: int, loss: float, grad_norm,
                  optimizer, diagnostics: list[tuple[int, dict]], device) -> dict:
     """One line of metrics.jsonl (README: Reading the metrics)."""
@@ -781,9 +773,22 @@ def step_metrics(rollout: Rollout, rewards, components, group_size: int, loss: f
         "groups/zero_std_frac": (grouped == grouped[:, :1]).all(dim=1).float().mean().item(),
         "completion/len_mean": lengths.mean().item(), "completion/len_max": lengths.max().item(),
         "completion/truncated_frac": rollout.truncated.float().mean().item(),
+        **step_statistics(rollout.texts),  # steps/: per reply, how many hold, how many repeat
         "loss": loss, "grad_norm": grad_norm.item(), "lr": optimizer.param_groups[0]["lr"],
         **{key: sum(n * d[key] for n, d in diagnostics) / tokens for key in diagnostics[0][1]},
         "memory/peak_mb": peak_memory_mb(device)}
+
+def evaluate(model, tokenizer, rows: list[dict], batch_size: int = 32,
+             max_completion_length: int = 512, autocast=nullcontext(), compiled=False) -> dict:
+    """Greedy accuracy (answer reward = 1) and format rate (strict format) on `rows`."""
+    texts, n = [], max(len(rows), 1)
+    for i in tqdm(range(0, len(rows), batch_size), "evaluating", disable=None, leave=False):
+        prompts = [r["prompt"] for r in rows[i:i + batch_size]]
+        texts += generate_completions(model, tokenizer, prompts, 1, max_completion_length, 0.0,
+                                      autocast, compiled).texts
+    correct = REWARD_FUNCTIONS["answer"](texts, [r["answer"] for r in rows])
+    formatted = [r == 1.0 for r in format_reward(texts)]  # the strict format only
+    return {"accuracy": sum(correct) / n, "format_rate": sum(formatted) / n, "n": len(rows)}
 
 def read_jsonl(path: Path) -> list[dict]:
     lines = path.read_text().splitlines() if path.exists() else []
@@ -834,11 +839,6 @@ def plot_curves(metrics_path: Path, out_path: Path):
         ax.legend()
     fig.savefig(out_path)
     return fig
-
-def quiet_libraries() -> None:  # one progress bar, ours: no per-file bars from the libraries
-    import datasets, transformers  # noqa: E401
-    transformers.utils.logging.disable_progress_bar()
-    datasets.disable_progress_bars()
 
 def main(argv: list[str] | None = None) -> None:
     try:

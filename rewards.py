@@ -8,6 +8,7 @@ the replies. grpo.py knows the task only through this file; to train on your own
                      built-in task, which needs no download: `arithmetic` (a + b) or
                      `arithmetic3` (a + b - c, two steps, for process supervision)
   rows_for_step      the questions of one training step
+  check_sources      --model and --dataset: paths that exist, or Hub ids (offline: the cache)
 
 The rewards are rules a program checks, as DeepSeek-R1's were (DeepSeekMath's RL scored with a
 learned reward model). Each is a function `(completions, answers) -> list[float]`, one per reply:
@@ -23,9 +24,12 @@ For process supervision (DeepSeekMath, section 4.1.3), a reward for each step of
   reasoning_steps  each line of <reasoning> that states an equation, where it lies, and whether
                    its arithmetic holds (exact fractions, a small parser: never eval)
   step_reward      the steps as one reward per reply: 0.2 for each distinct equation that holds,
-                   at most 1.0
+                   at most 1.0 (weighted by --step-weight, 0 by default)
+  step_token_ends  where each step ends in the reply's tokens, for grpo.py's per-token advantages
+  step_statistics  steps per reply, how many hold, how many repeat an earlier one (logged)
 """
 
+import bisect
 import json
 import random
 import re
@@ -80,6 +84,29 @@ def check_chat_template(tokenizer, model_name: str) -> None:
     except Exception as error:
         raise ConfigError(f"--model {model_name!r}: its chat template cannot format a system "
                           f"prompt and a question ({error}). Use another chat model.") from None
+
+
+def quiet_libraries() -> None:
+    """One progress bar, the trainer's: no per-file bars from transformers and datasets, and no
+    notice of an attribute that transformers 5 deprecates and peft still reads."""
+    import warnings
+    import datasets, transformers  # noqa: E401
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    warnings.filterwarnings("ignore", "`is_gradient_checkpointing`", FutureWarning)
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False):
+    """The model's tokenizer; its chat template must fit the task's prompt. No pad token: EOS's."""
+    from transformers import AutoTokenizer
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"--model {name!r} cannot be loaded ({error}). Pass a Hub id or a "
+                          "local folder with config.json, weights and tokenizer.") from None
+    check_chat_template(tokenizer, name)
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    return tokenizer
 
 
 # Partial format credit for each tag that appears exactly once (4 tags -> at most 0.5),
@@ -213,6 +240,25 @@ def reasoning_steps(completion: str) -> list[tuple[int, int, float]]:
     return steps
 
 
+def step_token_ends(tokenizer, ids: list[int], text: str) -> list[tuple[int, float]]:
+    """(token index, reward) of each step of `text` = tokenizer.decode(ids): a step's last character
+    is in the first token whose prefix decodes that far (a bisection: log |ids| decodes a step)."""
+    decoded = lambda k: len(tokenizer.decode(ids[:k + 1], skip_special_tokens=True))  # noqa: E731
+    return [(bisect.bisect_left(range(len(ids)), end, key=decoded), reward)
+            for _, end, reward in reasoning_steps(text)]
+
+
+def step_statistics(completions: list[str]) -> dict[str, float]:
+    """Over a batch of replies: steps per reply, the fraction of steps that hold, and the fraction
+    that repeat an earlier step of their reply (a sign of farming the steps' reward)."""
+    steps = [[(text[start:end].strip(), reward) for start, end, reward in reasoning_steps(text)]
+             for text in completions]
+    count = sum(map(len, steps))
+    return {"steps/per_reply": count / max(len(steps), 1),
+            "steps/hold_frac": sum(reward for s in steps for _, reward in s) / max(count, 1),
+            "steps/repeated_frac": (count - sum(len(set(s)) for s in steps)) / max(count, 1)}
+
+
 def equation_holds(line: str) -> bool | None:
     """Whether every equation in `line` holds (all sides of each equal); None if it states none
     that can be read (a side that is no arithmetic, a division by zero, a number too long)."""
@@ -290,7 +336,7 @@ def step_reward(completions: list[str], answers: list[str] | None = None) -> lis
     return rewards
 
 # name -> reward function; grpo.py weighs each by its `<name>_weight` config field.
-REWARD_FUNCTIONS = {"format": format_reward, "answer": answer_reward}
+REWARD_FUNCTIONS = {"format": format_reward, "answer": answer_reward, "step": step_reward}
 
 
 # ---- The questions ----------------------------------------------------------------------------
@@ -316,6 +362,30 @@ def load_dataset_rows(source: str, split: str, dataset_config: str = "main",
     example = EXAMPLE_TURN_STEPS if BUILT_IN_TASKS.get(source) == 3 else EXAMPLE_TURN
     return [{"question": r["question"], "prompt": make_prompt(r["question"], example_turn, example),
              "answer": extract_gold_answer(r["answer"])} for r in raw]
+
+
+def check_sources(model: str, dataset: str) -> None:
+    """Where the model and the data come from: a path that exists, a built-in task, or a Hub id
+    ("name" or "owner/name", not .jsonl); anything else is a path that does not exist. When a Hub
+    id is needed, one quick look at the Hub: unreachable, the cache only (as HF_HUB_OFFLINE=1)."""
+    from_hub = []
+    for name, source, what in (("model", model, "model folder"),
+                               ("dataset", dataset, "data file or folder")):
+        looks_local = not re.fullmatch(r"(?!.*\.jsonl?$)\w[\w.-]*(/[\w.-]+)?", source)
+        exists = Path(source).expanduser().exists()
+        if looks_local and not exists:
+            raise ConfigError(f"--{name} {source!r}: no such {what}. Check the path, or pass a "
+                              "Hub id.")
+        from_hub += [] if exists or source in BUILT_IN_TASKS else [f"--{name} {source}"]
+    import datasets, huggingface_hub, socket, urllib.parse  # noqa: E401
+    if from_hub and not huggingface_hub.constants.HF_HUB_OFFLINE:
+        host = urllib.parse.urlsplit(huggingface_hub.constants.ENDPOINT).hostname
+        try:
+            socket.create_connection((host, 443), timeout=3).close()
+        except OSError:  # without it, the cache at once
+            huggingface_hub.constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
+            print(f"note: {host} cannot be reached: {', '.join(from_hub)} from the cache only. "
+                  "Without the Hub: --model ./folder, --dataset arithmetic or a JSON-lines file.")
 
 
 def rows_for_step(rows: list[dict], step: int, prompts_per_step: int, seed: int) -> list[dict]:

@@ -148,7 +148,7 @@ def test_group_advantages_are_exactly_zero_for_equal_rewards_and_per_group():
     advantages = group_advantages(rewards, 3)
     assert advantages[:3].eq(0).all()
     torch.testing.assert_close(advantages[3:], group_advantages(torch.tensor([1.0, 0.0, 0.0]), 3))
-    no_std = group_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0]), 4, scale_by_std=False)
+    no_std = group_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0]), 4, std="none")
     torch.testing.assert_close(no_std, torch.tensor([0.5, -0.5, -0.5, 0.5]))
 
 
@@ -171,6 +171,7 @@ KL_GRADIENT_TABLE = [  # (estimator, θ_old = θ?, whose gradient it is)
     ("k2", True, "KL(π_θ || π_ref)"), ("k2", False, "neither"),
     ("k3", True, "KL(π_ref || π_θ)"), ("k3", False, "neither"),
     ("k3_ratio", True, "KL(π_θ || π_ref)"), ("k3_ratio", False, "KL(π_θ || π_ref)"),
+    ("k1_to_go", True, "KL(π_θ || π_ref)"), ("k1_to_go", False, "neither"),  # one token: its own k1 to go
 ]
 
 
@@ -223,8 +224,9 @@ def sequence_logps(first, second):
 
 
 def expected_sequence_kl_term_gradient(kind, theta, ref, old=None):
-    """∇_θ of E_{(a, b) ~ π_old}[Σ_t KL_t] over every completion, each token's term as grpo.kl_estimate gives it
-    (old None: on policy); "to_go": Σ_t log π(o_t) · sg(Σ_{t' >= t} log(π/π_ref)(o_t')), the KL as a reward-to-go."""
+    """∇_θ of E_{(a, b) ~ π_old}[Σ_t KL_t] over every completion, each completion's term as grpo_loss gives it (β = 1,
+    Â = 0, a sum over its tokens; old None: on policy). k1_to_go: -Σ_t ρ_t Â_t with Â_t = -Σ_{t' >= t} k1_t', the
+    KL as a reward-to-go, whose gradient on policy is Σ_t ∇log π(o_t) · Σ_{t' >= t} log(π/π_ref)(o_t')."""
     first, second = (p.clone().requires_grad_(True) for p in theta)
     (logp1, logp2), (ref1, ref2) = sequence_logps(first, second), sequence_logps(*ref)
     old1, old2 = (logp1.detach(), logp2.detach()) if old is None else sequence_logps(*old)
@@ -233,12 +235,9 @@ def expected_sequence_kl_term_gradient(kind, theta, ref, old=None):
         for b in range(3):
             logp, ref_logp = torch.stack([logp1[a], logp2[a, b]]), torch.stack([ref1[a], ref2[a, b]])
             old_logp = torch.stack([old1[a], old2[a, b]])
-            if kind == "to_go":
-                log_ratio = (logp - ref_logp).detach()
-                to_go = log_ratio.flip(0).cumsum(0).flip(0)  # [Σ_{t' >= 0}, Σ_{t' >= 1}]
-                term = (logp * to_go).sum()
-            else:
-                term = kl_estimate(logp, ref_logp, kind, old_logp).sum()
+            term, _ = grpo_loss(logp[None], old_logp[None], ref_logp[None], torch.zeros(1, dtype=logp.dtype),
+                                torch.ones(1, 2), beta=1.0, epsilon_low=0.2, epsilon_high=0.2, loss_type="dr_grpo",
+                                max_completion_length=1, kl_estimator=kind)  # dr_grpo over 1 x 1: the plain sum
             expected = expected + (old_logp.sum()).exp() * term
     return torch.autograd.grad(expected, (first, second))
 
@@ -252,7 +251,8 @@ def sequence_kl_gradients(theta, ref):
 
 
 WHOLE_COMPLETION_TABLE = [  # (estimator, its expected gradient on policy, summed over a completion's tokens)
-    ("k1", "zero"), ("k2", "last token only"), ("k3", "neither"), ("k3_ratio", "last token only"), ("to_go", "exact"),
+    ("k1", "zero"), ("k2", "last token only"), ("k3", "neither"), ("k3_ratio", "last token only"),
+    ("k1_to_go", "exact"),
 ]
 
 
@@ -285,7 +285,7 @@ def test_off_policy_no_estimator_gives_the_whole_completions_kl_gradient():
     theta, ref, old = [(torch.randn(3, generator=generator, dtype=torch.float64),
                         torch.randn(3, 3, generator=generator, dtype=torch.float64)) for _ in range(3)]
     truth = torch.cat([t.flatten() for t in sequence_kl_gradients(theta, ref)])
-    for kind in ("k2", "k3", "k3_ratio", "to_go"):
+    for kind in ("k2", "k3", "k3_ratio", "k1_to_go"):
         got = torch.cat([g.flatten() for g in expected_sequence_kl_term_gradient(kind, theta, ref, old)])
         assert (got - truth).norm() > 0.05 * truth.norm(), kind
 
@@ -1042,7 +1042,7 @@ def test_steps_never_raise_on_any_text():
 def test_score_completions_weights_and_components():
     # format and answer differ in each row, so swapped weights would give other totals
     total, parts = grpo.score_completions(["<reasoning>a</reasoning><answer>3</answer>", "4", ""], ["4", "4", "4"],
-                                          {"format": 0.5, "answer": 2.0})
+                                          {"format": 0.5, "answer": 2.0, "step": 0.0})
     torch.testing.assert_close(parts["format"], torch.tensor([1.0, 0.0, 0.0]))
     torch.testing.assert_close(parts["answer"], torch.tensor([0.0, 1.0, 0.0]))
     torch.testing.assert_close(total, torch.tensor([0.5, 2.0, 0.0]))
@@ -1260,7 +1260,7 @@ def test_end_to_end_then_resume(tiny_model_dir, tmp_path):
 def test_help_shows_choices_defaults_and_examples_whole():
     result = run_main("--help")
     help_text = result.stdout
-    for choices in ("{k1,k2,k3,k3_ratio}", "{grpo,dapo,dr_grpo,bnpo}", "{auto,fp32,bf16}", "{auto,cuda,mps,cpu}"):
+    for choices in ("{k1,k2,k3,k3_ratio,k1_to_go}", "{grpo,dapo,dr_grpo,bnpo}", "{auto,fp32,bf16}", "{auto,cuda,mps,cpu}"):
         assert choices in help_text
     assert grpo.LORA_TARGETS in help_text  # a long default, not broken across lines
     assert "(default: unset)" in help_text and "(default: None)" not in help_text
@@ -2133,7 +2133,7 @@ TRL_FIELDS = [
     ("--no-gradient-checkpointing", "activation_checkpointing", False),
     ("--seed 7", "seed", 7),
     ("--max-steps 3", "max_steps", 3),
-    ("--format-weight 0.25 --answer-weight 2", "reward_weights", [0.25, 2.0]),
+    ("--format-weight 0.25 --answer-weight 2", "reward_weights", [0.25, 2.0, 0.0]),
     ("--precision fp32", "bf16", False),
     ("--precision bf16 --device cpu", "bf16", True),
     ("--device cpu", "use_cpu", True),
@@ -2145,6 +2145,13 @@ TRL_FIELDS = [
     ("--trust-remote-code", "model_init_kwargs", {"dtype": torch.float32, "trust_remote_code": True}),
     ("--trust-remote-code", "trust_remote_code", True),  # the tokenizer TRL loads itself
     ("--no-trust-remote-code", "trust_remote_code", False),
+    ("--advantage grpo_batch_std", "scale_rewards", "batch"),  # TRL's group mean, then the batch's std
+    ("--advantage grpo", "scale_rewards", "group"),
+    # mini-batches: P x G = 64 in 2 updates of 32 = 4 micro-batches of 8; TRL counts micro-batches per generation
+    ("--mini-batches 2", "gradient_accumulation_steps", 4),
+    ("--mini-batches 2", "steps_per_generation", 8),
+    ("--mini-batches 2 --mu 2 --max-steps 10", "max_steps", 40),  # optimizer steps: 2 passes x 2 updates each
+    ("--mini-batches 2 --save-every 5", "save_steps", 10),
 ]
 
 
@@ -2176,6 +2183,9 @@ def test_trl_runner_maps_lora_and_splits_the_batch_over_processes(tmp_path):
     ("--logp-chunk-size 256", "--logp-chunk-size 256: TRL computes log-probs its own way"),
     ("--compile", "--compile True: TRL samples with its own generate()"),
     ("--prompts-per-step 2 --num-generations 4 --micro-batch-size 3", "--micro-batch-size 3: TRL splits"),
+    ("--advantage online_rft", "--advantage 'online_rft': TRL's advantage is always the group's reward minus"),
+    ("--supervision process", "--supervision 'process': TRL's GRPOTrainer has no process supervision"),
+    ("--kl-estimator k1_to_go", "--kl-estimator 'k1_to_go': TRL estimates the KL with k3 only"),
 ])
 def test_trl_runner_refuses_what_trl_cannot_do_before_loading_a_model(tmp_path, monkeypatch, capsys, flags,
                                                                         message):
@@ -2262,10 +2272,14 @@ def test_verl_reward_is_the_weighted_sum_that_grpo_trains_on():
     reward = load_scale_module("scale/verl/reward.py")
     completions = ["<reasoning>2+2</reasoning><answer>4</answer>", "<answer>5</answer>", "it is 4", "",
                    "<reasoning>x</reasoning>\n<answer>4</answer> more"]
-    total, _ = grpo.score_completions(completions, ["4"] * len(completions), {"format": 0.5, "answer": 1.0})
+    completions.append("<reasoning>\n1 + 2 = 3\n</reasoning><answer>4</answer>")  # one step that holds
+    weights = {"format": 0.5, "answer": 1.0, "step": 0.0}
+    total, _ = grpo.score_completions(completions, ["4"] * len(completions), weights)
     assert [reward.compute_score("openai/gsm8k", c, "4") for c in completions] == total.tolist()
     assert reward.compute_score("x", completions[0], "4", None, format_weight=0.0, answer_weight=3.0) == 3.0
-    assert (reward.FORMAT_WEIGHT, reward.ANSWER_WEIGHT) == (Config.format_weight, Config.answer_weight)
+    assert reward.compute_score("x", completions[-1], "4", None, format_weight=0, step_weight=2.0) == 1.4
+    assert (reward.FORMAT_WEIGHT, reward.ANSWER_WEIGHT, reward.STEP_WEIGHT) == (
+        Config.format_weight, Config.answer_weight, Config.step_weight)
 
 
 def test_verl_parquet_rows_have_verls_schema_and_our_prompt(tmp_path):
@@ -2450,8 +2464,8 @@ def test_grpo_step_passes_every_setting_to_the_loss(tiny_model_dir, tmp_path, mo
                     max_completion_length=cfg.max_completion_length, kl_estimator=kl_estimator)
     assert all(c["settings"].items() >= expected.items() for c in calls)
     assert sampled == [temperature] and set(temperatures) == {temperature} and norms == [0.3, 0.3]
-    scale = loss_type != "dr_grpo"
-    torch.testing.assert_close(advantages, group_advantages(step_rewards, cfg.num_generations, scale_by_std=scale))
+    std = "group" if loss_type != "dr_grpo" else "none"
+    torch.testing.assert_close(advantages, group_advantages(step_rewards, cfg.num_generations, std))
 
 
 def test_asymmetric_clip_reference_value():
@@ -2512,3 +2526,183 @@ def test_data_order_changes_with_the_epoch_and_the_seed():
     assert order(0, 0) != list(range(12))  # shuffled
     assert sorted(order(0, 1)) == list(range(12)) and order(0, 1) != order(0, 0)  # a new order each epoch
     assert order(1, 0) != order(0, 0)  # the seed matters
+
+
+# ---------------------------------------------------------------------------------------------
+# The paper's other half: process supervision, the gradient coefficient, the batch's std, mini-batches
+
+
+def test_reward_to_go_sums_each_rows_rewards_from_t_on():
+    rewards_ = torch.tensor([[1.0, 0.0, 2.0, -1.0], [0.0, 0.0, 0.0, 3.0]])
+    expected = torch.tensor([[2.0, 1.0, 1.0, -1.0], [3.0, 3.0, 3.0, 3.0]])  # by hand
+    torch.testing.assert_close(grpo.reward_to_go(rewards_), expected)
+
+
+def test_process_advantages_reference_values():
+    """The paper's section 4.1.3 by hand. Group 1 (G = 2, T = 6): completion 0 has steps ending at tokens 1, 3, 5
+    (rewards 1, 0, 1.5; the last is its answer's), completion 1 only its answer's, 0, at token 4 (a shorter reply,
+    no checked step). R = [1, 0, 1.5, 0]: mean 0.625, sample std 0.75, so r̃ = (r - 0.625) / 0.7501. Â_it sums the
+    r̃ of its steps ending at t or after: 0 after a reply's last step. Group 2: equal rewards: Â = 0 exactly."""
+    steps = [[(1, 1.0), (3, 0.0), (5, 1.5)], [(4, 0.0)],
+             [(0, 1.0), (2, 1.0)], [(5, 1.0)]]
+    advantages = grpo.process_advantages(steps, group_size=2, length=6)
+    r1, r0, r15 = 0.499933, -0.833222, 1.166511  # r̃ of 1, 0 and 1.5
+    expected = torch.tensor([[r1 + r0 + r15, r1 + r0 + r15, r0 + r15, r0 + r15, r15, r15],
+                             [r0, r0, r0, r0, r0, 0.0],
+                             [0.0] * 6, [0.0] * 6])
+    torch.testing.assert_close(advantages, expected, atol=1e-5, rtol=0)  # literals of 6 decimals
+    assert advantages[2:].eq(0).all()  # exactly: equal rewards teach nothing
+
+
+def test_process_advantages_without_steps_are_the_outcome_advantages():
+    """A group in which no reply states a step: each has one step, its answer, at its last token; then r̃ is the
+    outcome advantage and Â_it is that same value on each of its tokens up to its end."""
+    rewards_, lengths = torch.tensor([1.5, 0.0, 0.5, 0.0]), [3, 5, 2, 4]
+    steps = [[(n - 1, r.item())] for n, r in zip(lengths, rewards_)]
+    advantages = grpo.process_advantages(steps, group_size=4, length=5)
+    outcome = group_advantages(rewards_, 4)
+    for i, n in enumerate(lengths):
+        torch.testing.assert_close(advantages[i, :n], outcome[i].expand(n))
+        assert advantages[i, n:].eq(0).all()
+
+
+def byte_level_tokenizer(text: str):
+    """A byte-level BPE tokenizer trained on `text`: it decodes any ids back to their exact text, and its merges
+    make tokens of several characters (and a character of several bytes, such as ×, several tokens)."""
+    from tokenizers import trainers
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer, backend.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    backend.train_from_iterator([text] * 4, trainers.BpeTrainer(
+        vocab_size=320, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=backend)
+
+
+def test_step_token_ends_name_the_token_that_holds_each_steps_last_character():
+    """Each step's token index k: the reply's tokens up to k decode to text that reaches the step's end, those
+    before k do not. The reward is reasoning_steps' (1 holds, 0 does not)."""
+    text = "<reasoning>\nFirst, 3 × 4 = 12\nthen 12 - 2 = 11\nso 11 = 11</reasoning><answer>11</answer>"
+    tokenizer = byte_level_tokenizer(text)
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    assert tokenizer.decode(ids, skip_special_tokens=True) == text and len(ids) < len(text.encode())  # merged
+    ends = rewards.step_token_ends(tokenizer, ids, text)
+    steps = rewards.reasoning_steps(text)
+    assert [r for _, r in ends] == [1.0, 0.0, 1.0] and len(steps) == 3
+    for (k, _), (_, end, _) in zip(ends, steps):
+        assert len(tokenizer.decode(ids[:k + 1], skip_special_tokens=True)) >= end
+        assert len(tokenizer.decode(ids[:k], skip_special_tokens=True)) < end
+
+
+def test_process_supervision_in_a_step_gives_each_token_its_advantage(tiny_model_dir, tmp_path, monkeypatch):
+    """grpo_step with --supervision process: the advantages are [B, T], the paper's formula over the steps that
+    rewards.py finds in the sampled replies, each reply's total reward as its last step, at its last token."""
+    text = "<reasoning>\n1 + 1 = 2\n2 + 2 = 5\n</reasoning><answer>2</answer>"
+    replies = iter([text, "x", text, "<answer>2</answer>"] * 2)  # the tiny model writes noise: choose its texts
+    generate = grpo.generate_completions
+
+    def fixed_texts(*args):
+        rollout = generate(*args)
+        rollout.texts = [next(replies) for _ in rollout.texts]
+        return rollout
+    monkeypatch.setattr(grpo, "generate_completions", fixed_texts)
+    cfg = tiny_config(tiny_model_dir, tmp_path, supervision="process", max_completion_length=64)
+    calls, (_, rollout, total, advantages), _ = one_step(cfg, arithmetic_rows(2), monkeypatch)
+    B, T = rollout.completion_ids.shape
+    assert advantages.shape == (B, T) and torch.equal(torch.cat([c["advantages"] for c in calls]), advantages)
+    tokenizer = grpo.load_tokenizer(cfg.model)
+    lengths = rollout.completion_mask.sum(dim=1).tolist()
+    steps = [[*rewards.step_token_ends(tokenizer, ids[:n], text), (n - 1, r)]
+             for ids, n, text, r in zip(rollout.completion_ids.tolist(), lengths, rollout.texts, total.tolist())]
+    assert [len(s) for s in steps] == [3, 1, 3, 1] * 2  # two checked steps (one true, one false) and the answer
+    torch.testing.assert_close(advantages, grpo.process_advantages(steps, cfg.num_generations, T))
+    assert not advantages.eq(0).all()
+
+
+def test_online_rft_coefficient_is_one_for_a_right_answer_and_zero_otherwise(tiny_model_dir, tmp_path, monkeypatch):
+    """The paper's eq. 10 (Table 10): GC = 1 if the answer is right, else 0, whatever the format or the group."""
+    replies = iter(["<reasoning>a</reasoning><answer>{}</answer>", "{}", "no", "<answer>-1</answer>"] * 2)
+    rows = arithmetic_rows(2)
+    generate = grpo.generate_completions
+
+    def fixed_texts(*args):
+        rollout = generate(*args)
+        rollout.texts = [next(replies).format(rows[i // 4]["answer"]) for i in range(len(rollout.texts))]
+        return rollout
+    monkeypatch.setattr(grpo, "generate_completions", fixed_texts)
+    cfg = tiny_config(tiny_model_dir, tmp_path, advantage="online_rft")
+    calls, (_, _, total, advantages), _ = one_step(cfg, rows, monkeypatch)
+    assert advantages.tolist() == [1.0, 1.0, 0.0, 0.0] * 2  # the format reward (in the total) changes nothing
+    assert total.tolist() != advantages.tolist()
+
+
+def test_batch_std_divides_by_the_whole_batchs_std():
+    """TRL's scale_rewards="batch": each group's mean subtracted, the batch's sample std (0.534522) divided by."""
+    advantages = group_advantages(torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 1.0]), 4, std="batch")
+    expected = [1.402859, -0.467620, -0.467620, -0.467620, 0.467620, 0.467620, -1.402859, 0.467620]
+    torch.testing.assert_close(advantages, torch.tensor(expected), atol=1e-5, rtol=0)  # literals of 6 decimals
+
+
+def test_per_token_advantages_equal_to_each_completions_one_give_the_same_loss_and_gradient():
+    logp = TWO_COMPLETIONS["logp"].clone().requires_grad_(True)
+    settings = dict(beta=0.04, epsilon_low=0.2, epsilon_high=0.2, loss_type="grpo", max_completion_length=4)
+    args = (TWO_COMPLETIONS["old_logp"], TWO_COMPLETIONS["ref_logp"])
+    one, _ = grpo_loss(logp, *args, TWO_COMPLETIONS["advantages"], TWO_COMPLETIONS["mask"], **settings)
+    per_token = TWO_COMPLETIONS["advantages"][:, None].expand(2, 4)
+    each, _ = grpo_loss(logp, *args, per_token, TWO_COMPLETIONS["mask"], **settings)
+    assert one.item() == each.item()
+    assert torch.equal(*(torch.autograd.grad(x, logp)[0] for x in (one, each)))
+
+
+def test_k1_to_go_puts_the_kl_to_go_in_the_advantage_not_in_the_loss():
+    """-β Σ_{t' >= t} k1 of the sample (from π_θ_old) joins Â_t; no KL term is added; the KL reported is k1's mean."""
+    old, ref = TWO_COMPLETIONS["old_logp"], TWO_COMPLETIONS["ref_logp"]
+    mask, beta = TWO_COMPLETIONS["mask"], 0.5
+    settings = dict(epsilon_low=10.0, epsilon_high=10.0, loss_type="dapo", max_completion_length=4)  # no clip here
+    to_go, diagnostics = grpo_loss(TWO_COMPLETIONS["logp"], old, ref, TWO_COMPLETIONS["advantages"], mask,
+                                   beta=beta, kl_estimator="k1_to_go", **settings)
+    advantages = TWO_COMPLETIONS["advantages"][:, None] - beta * grpo.reward_to_go((old - ref) * mask)
+    by_hand, _ = grpo_loss(TWO_COMPLETIONS["logp"], old, ref, advantages, mask, beta=0.0, **settings)
+    assert to_go.item() == pytest.approx(by_hand.item(), abs=1e-6)  # float32 of the same sums
+    k1 = ((TWO_COMPLETIONS["logp"] - ref) * mask).sum() / mask.sum()
+    assert diagnostics["kl"] == pytest.approx(k1.item(), abs=1e-6)
+
+
+def test_mini_batches_take_an_optimizer_step_each_on_their_part_of_the_batch(tiny_model_dir, tmp_path,
+                                                                              monkeypatch):
+    """verl's mini-batches: B = 8 in 2 parts of 4, one optimizer step each, each loss over its own part (4
+    sequences, its tokens)."""
+    steps = []
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: steps.append(1))
+    cfg = tiny_config(tiny_model_dir, tmp_path, mini_batches=2, micro_batch_size=2)
+    calls, (_, rollout, _, _), _ = one_step(cfg, arithmetic_rows(2), monkeypatch)
+    assert len(steps) == 2 and len(calls) == 4  # 2 mini-batches x 2 micro-batches
+    mask = rollout.completion_mask
+    assert [c["settings"]["num_sequences"] for c in calls] == [4] * 4
+    assert [c["settings"]["num_tokens"] for c in calls] == [int(mask[:4].sum())] * 2 + [int(mask[4:].sum())] * 2
+
+
+def test_mini_batches_move_the_ratio_once_the_policy_has_stepped(tiny_model_dir, tmp_path, monkeypatch):
+    cfg = tiny_config(tiny_model_dir, tmp_path, mini_batches=2, micro_batch_size=4, learning_rate=1e-2)
+    calls, _, _ = one_step(cfg, arithmetic_rows(2), monkeypatch)
+    first, second = ((c["logp"] - c["old_logp"]).abs().max().item() for c in calls)
+    assert first < 1e-5 < second  # before any step the policy is the sampler (rounding only); after one it is not
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(mini_batches=3), "--mini-batches 3 must divide a step's completions, P*G."),
+    (dict(mini_batches=0), "--mini-batches is 0; it must be > 0."),
+    (dict(supervision="process", advantage="online_rft"), "--supervision process normalizes the steps' rewards"),
+    (dict(supervision="process", advantage="grpo_batch_std"), "use it with --advantage grpo."),
+    (dict(advantage="rft"), "--advantage 'rft' is unknown; choose one of grpo, grpo_batch_std, online_rft."),
+])
+def test_the_new_settings_refuse_what_cannot_work(tiny_model_dir, tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        grpo.check_config(tiny_config(tiny_model_dir, tmp_path, **overrides))
+
+
+def test_step_statistics_count_steps_that_hold_and_that_repeat():
+    replies = ["<reasoning>\n1 + 2 = 3\n1 + 2 = 3\n2 + 2 = 5\n</reasoning>", "no steps",
+               "<reasoning>\n3 * 3 = 9\n</reasoning>"]
+    stats = rewards.step_statistics(replies)
+    assert stats == {"steps/per_reply": 4 / 3, "steps/hold_frac": 3 / 4, "steps/repeated_frac": 1 / 4}
+    assert rewards.step_statistics([]) == {"steps/per_reply": 0.0, "steps/hold_frac": 0.0,
+                                           "steps/repeated_frac": 0.0}

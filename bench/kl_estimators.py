@@ -26,20 +26,19 @@ SETTINGS = ["--dataset", "arithmetic", "--prompts-per-step", "3", "--max-complet
             "--learning-rate", "5e-6", "--max-steps", "30", "--save-every", "0"]
 
 
-def command(model: str, out: Path, estimator: str, seed: int) -> list[str]:
-    return [sys.executable, str(ROOT / "grpo.py"), "--model", model, *SETTINGS, "--seed", str(seed),
-            "--kl-estimator", estimator, "--output-dir", str(out / f"{estimator}-seed{seed}")]
+def command(model: str, run_dir: Path, flags: list[str]) -> list[str]:
+    return [sys.executable, str(ROOT / "grpo.py"), "--model", model, *flags, "--output-dir", str(run_dir)]
 
 
-def run_all(model: str, out: Path, parallel: int, threads: int | None) -> None:
+def run_all(model: str, out: Path, runs: dict[str, list[str]], parallel: int, threads: int | None) -> None:
+    """Each run `name: flags` into out/name (log: out/name.log), `parallel` at a time; a finished one is kept."""
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
-    todo = [(e, s) for s in SEEDS for e in ESTIMATORS
-            if not (out / f"{e}-seed{s}" / "results.json").exists()
-            or "after" not in json.loads((out / f"{e}-seed{s}" / "results.json").read_text())]
+    todo = [name for name in runs if not (out / name / "results.json").exists()
+            or "after" not in json.loads((out / name / "results.json").read_text())]
     for i in range(0, len(todo), parallel):
-        running = [subprocess.Popen(command(model, out, e, s), env=env,
-                                    stdout=open(out / f"{e}-seed{s}.log", "w"), stderr=subprocess.STDOUT)
-                   for e, s in todo[i:i + parallel]]
+        running = [subprocess.Popen(command(model, out / name, runs[name]), env=env,
+                                    stdout=open(out / f"{name}.log", "w"), stderr=subprocess.STDOUT)
+                   for name in todo[i:i + parallel]]
         if any(p.wait() for p in running):
             sys.exit(f"a run failed; its log is in {out}")
 
@@ -65,7 +64,8 @@ def main():
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    run_all(args.model, out, args.parallel, args.threads)
+    runs = {f"{e}-seed{s}": [*SETTINGS, "--seed", str(s), "--kl-estimator", e] for s in SEEDS for e in ESTIMATORS}
+    run_all(args.model, out, runs, args.parallel, args.threads)
     runs = {e: [summary(out / f"{e}-seed{s}") for s in SEEDS] for e in ESTIMATORS}
     print("| measure | " + " | ".join(f"{e}: mean (seed {', seed '.join(map(str, SEEDS))})"
                                          for e in ESTIMATORS) + " |")

@@ -38,7 +38,11 @@ NO_TRL_EQUIVALENT = {
     "compile": "TRL samples with its own generate() (or vLLM: --use-vllm), not grpo.py's loop",
     # transformers' Trainer exempts biases and norm weights from weight decay; grpo.py decays all
     "weight_decay": "TRL's Trainer does not decay biases and norm weights, grpo.py decays every one",
+    # TRL declined per-step rewards (trl#3090): its advantage is one number per completion
+    "supervision": "TRL's GRPOTrainer has no process supervision (one advantage per completion)",
 }
+# grpo.py's --advantage as TRL's scale_rewards (its group mean, then this std); no Online RFT.
+SCALE_REWARDS = {"grpo": "group", "grpo_batch_std": "batch"}
 # TRL's KL term is k3, weighted by the ratio or not (`use_bias_correction_kl`); it has no k2.
 TRL_KL_ESTIMATORS = ("k3", "k3_ratio")
 # grpo.py's metrics.jsonl keys and the TRL 1.16 log keys that hold the same figures (its
@@ -48,6 +52,7 @@ TRL_METRICS = {
     "reward/total": "reward", "reward/total_std": "reward_std",
     "reward/format": "rewards/format/mean", "reward/format_std": "rewards/format/std",
     "reward/answer": "rewards/answer/mean", "reward/answer_std": "rewards/answer/std",
+    "reward/step": "rewards/step/mean", "reward/step_std": "rewards/step/std",
     "accuracy": "rewards/answer/mean", "groups/zero_std_frac": "frac_reward_zero_std",
     "completion/len_mean": "completions/mean_length", "completion/len_max": "completions/max_length",
     "completion/truncated_frac": "completions/clipped_ratio", "loss": "loss", "kl": "kl",
@@ -65,13 +70,17 @@ def refusals(cfg: grpo.Config, num_processes: int = 1, use_vllm: bool = False) -
     if cfg.kl_estimator not in TRL_KL_ESTIMATORS:
         messages.append(f"--kl-estimator {cfg.kl_estimator!r}: TRL estimates the KL with k3 only, "
                         f"with or without the ratio; use one of {', '.join(TRL_KL_ESTIMATORS)}.")
+    if cfg.advantage not in SCALE_REWARDS:
+        messages.append(f"--advantage {cfg.advantage!r}: TRL's advantage is always the group's "
+                        f"reward minus its mean; use one of {', '.join(SCALE_REWARDS)}.")
     if use_vllm and importlib.util.find_spec("vllm") is None:
         messages.append("--use-vllm: vllm is not installed. pip install vllm (it needs a CUDA "
                         "GPU), or drop --use-vllm to sample with transformers.")
-    completions = cfg.prompts_per_step * cfg.num_generations
+    completions = cfg.prompts_per_step * cfg.num_generations // cfg.mini_batches  # an update's
     if completions % (cfg.micro_batch_size * num_processes):
-        messages.append(f"--micro-batch-size {cfg.micro_batch_size}: TRL splits a step's P x G = "
-                        f"{completions} completions into micro-batches of this size on each of "
+        messages.append(f"--micro-batch-size {cfg.micro_batch_size}: TRL splits a step's P x G / "
+                        f"mini-batches = {completions} completions into micro-batches of this "
+                        f"size on each of "
                         f"{num_processes} process(es), so it must divide {completions} / "
                         f"{num_processes}; change it, --prompts-per-step or the processes.")
     if not cfg.resume and grpo.latest_checkpoint(Path(cfg.output_dir)) is not None:
@@ -89,25 +98,29 @@ def uses_bf16(cfg: grpo.Config) -> bool:
 
 def trl_config(cfg: grpo.Config, num_processes: int = 1, use_vllm: bool = False):
     """TRL's GRPOConfig with grpo.py's settings. TRL counts optimizer steps: one grpo.py step (one
-    generated batch, then mu optimizer steps) is mu of TRL's, so steps are multiplied by mu."""
+    generated batch, then mu x mini_batches optimizer steps) is that many of TRL's."""
     import torch
     from trl import GRPOConfig
 
-    completions = cfg.prompts_per_step * cfg.num_generations  # one step's P x G
+    completions = cfg.prompts_per_step * cfg.num_generations // cfg.mini_batches  # an update's
+    per_step = cfg.mu * cfg.mini_batches  # optimizer steps per grpo.py step
+    accumulation = completions // (cfg.micro_batch_size * num_processes)  # micro-batches per update
     return GRPOConfig(
-        output_dir=cfg.output_dir, seed=cfg.seed, max_steps=cfg.max_steps * cfg.mu,
+        output_dir=cfg.output_dir, seed=cfg.seed, max_steps=cfg.max_steps * per_step,
         num_generations=cfg.num_generations,
         per_device_train_batch_size=cfg.micro_batch_size,  # completions per micro-batch
-        gradient_accumulation_steps=completions // (cfg.micro_batch_size * num_processes),
+        gradient_accumulation_steps=accumulation,
         max_completion_length=cfg.max_completion_length,
         temperature=cfg.temperature, top_k=0, top_p=1.0, min_p=None, repetition_penalty=1.0,
         beta=cfg.beta, epsilon=cfg.epsilon_low, epsilon_high=cfg.epsilon_high,
         use_bias_correction_kl=cfg.kl_estimator == "k3_ratio",  # k3 x π_θ / π_θ_old, or plain k3
         loss_type=LOSS_TYPES[cfg.loss_type],
-        scale_rewards="none" if cfg.loss_type == "dr_grpo" else "group",  # Dr. GRPO drops the std
-        num_iterations=cfg.mu,  # TRL then samples once every mu optimizer steps
+        scale_rewards="none" if cfg.loss_type == "dr_grpo" else SCALE_REWARDS[cfg.advantage],
+        num_iterations=cfg.mu,  # TRL then samples once every mu x mini_batches optimizer steps
+        # TRL counts micro-batches per generation; it shuffles the batch first, grpo.py splits in order
+        steps_per_generation=accumulation * cfg.mini_batches,
         sync_ref_model=cfg.ref_sync_every > 0,
-        ref_model_sync_steps=max(cfg.ref_sync_every, 1) * cfg.mu,
+        ref_model_sync_steps=max(cfg.ref_sync_every, 1) * per_step,
         ref_model_mixup_alpha=1.0,  # a full copy of the policy, as grpo.py's
         reward_weights=[getattr(cfg, f"{name}_weight") for name in rewards.REWARD_FUNCTIONS],
         learning_rate=cfg.learning_rate, lr_scheduler_type="constant", warmup_steps=0,
@@ -117,7 +130,7 @@ def trl_config(cfg: grpo.Config, num_processes: int = 1, use_vllm: bool = False)
         bf16=uses_bf16(cfg), use_cpu=cfg.device == "cpu", trust_remote_code=cfg.trust_remote_code,
         model_init_kwargs={"dtype": torch.float32, "trust_remote_code": cfg.trust_remote_code},
         # --save-every 0 saves at the end only, as grpo.py does (a checkpoint --resume finds)
-        save_strategy="steps", save_steps=(cfg.save_every or cfg.max_steps) * cfg.mu,
+        save_strategy="steps", save_steps=(cfg.save_every or cfg.max_steps) * per_step,
         save_total_limit=1,  # the latest checkpoint only, as grpo.py
         use_vllm=use_vllm, vllm_mode="colocate",  # vLLM on the training GPUs, when asked for
         log_completions=False, logging_steps=1, report_to="none",  # our logs: OurLogs
