@@ -5,6 +5,7 @@ fails on "survives". Too slow for CI; run it by hand (pip install mutmut):
 
     python bench/mutation.py --out /tmp/mutation            # the whole run
     python bench/mutation.py --out /tmp/mutation --functions group_advantages,kl_estimate
+    python bench/mutation.py --out /tmp/mutation --functions none --rewards step_reward
 
 It works on a copy in --out: the files the tests need, a pyproject.toml with mutmut's settings
 (workers forked from a server that has not run torch, one thread each: torch is not fork-safe once
@@ -29,8 +30,8 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-FORMULAS = ("sample_tokens", "completion_mask", "score_completions", "group_advantages", "per_token_logps",
-            "kl_estimate", "grpo_loss")
+FORMULAS = ("sample_tokens", "completion_mask", "score_completions", "group_advantages", "process_advantages",
+            "reward_to_go", "per_token_logps", "kl_estimate", "grpo_loss")
 END_TO_END = ("notebook", "trl_runner", "verl", "agree_with_trl", "ctrl_c", "resume", "end_to_end", "learns",
               "crash", "nan_loss", "says", "healthy", "lora_run", "kl_past", "reference_sync", "micro_batch_size_that",
               "logged_loss", "gpu_resumes", "nothing_deprecated", "random_state_is_checkpointed")
@@ -39,19 +40,25 @@ KILLED = {1, 3, 36, 24, -24, 152, 255}  # mutmut's codes for a failing test, or 
 MUTMUT = str(Path(sys.executable).with_name("mutmut"))
 
 
-def copy_project(out: Path, functions: tuple[str, ...], tests: str) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    for name in ("grpo.py", "rewards.py", "test_grpo.py"):
-        shutil.copy(ROOT / name, out / name)
-    shutil.copytree(ROOT / "scale", out / "scale", dirs_exist_ok=True)
-    source = (ROOT / "grpo.py").read_text().splitlines()
-    frozen = [node for node in ast.parse("\n".join(source)).body
-              if isinstance(node, ast.FunctionDef) and node.name not in functions]
+def freeze(path: Path, functions: tuple[str, ...] | None) -> None:
+    """Put "# pragma: no mutate" around every function of `path` not in `functions` (None: mutate all)."""
+    source = path.read_text().splitlines()
+    frozen = [node for node in ast.parse("\n".join(source)).body if functions is not None
+              and isinstance(node, ast.FunctionDef) and node.name not in functions]
     for node in sorted(frozen, key=lambda n: n.lineno, reverse=True):  # from the end: line numbers hold
         first = min([node.lineno] + [d.lineno for d in node.decorator_list]) - 1
         source[node.end_lineno:node.end_lineno] = ["# pragma: no mutate end"]
         source[first:first] = ["# pragma: no mutate start"]
-    (out / "grpo.py").write_text("\n".join(source) + "\n")
+    path.write_text("\n".join(source) + "\n")
+
+
+def copy_project(out: Path, functions: tuple[str, ...], tests: str, rewards: tuple[str, ...] | None = None) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("grpo.py", "rewards.py", "test_grpo.py"):
+        shutil.copy(ROOT / name, out / name)
+    shutil.copytree(ROOT / "scale", out / "scale", dirs_exist_ok=True)
+    freeze(out / "grpo.py", functions)
+    freeze(out / "rewards.py", rewards)
     (out / "pyproject.toml").write_text(
         '[tool.mutmut]\nsource_paths = ["grpo.py", "rewards.py"]\n'
         'pytest_add_cli_args_test_selection = ["test_grpo.py"]\n'
@@ -85,6 +92,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="a folder for the copy and mutmut's state")
     parser.add_argument("--functions", default=",".join(FORMULAS), help="grpo.py functions to mutate")
+    parser.add_argument("--rewards", help="rewards.py functions to mutate (default: all of them)")
     parser.add_argument("--tests", default=TESTS, help="the tests to run (a pytest -k expression)")
     parser.add_argument("--jobs", type=int, default=2, help="mutants tested at a time")
     parser.add_argument("--report-only", action="store_true", help="read a finished run in --out")
@@ -92,7 +100,8 @@ def main():
     out = Path(args.out)
     if not args.report_only:
         shutil.rmtree(out, ignore_errors=True)
-        copy_project(out, tuple(args.functions.split(",")), args.tests)
+        copy_project(out, tuple(args.functions.split(",")), args.tests,
+                     tuple(args.rewards.split(",")) if args.rewards else None)
         one_thread = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # jobs share the cores
         subprocess.run([MUTMUT, "run", "--max-children", str(args.jobs)], cwd=out, check=False, env=one_thread)
     (out / "scores.json").write_text(json.dumps(report(out), indent=2))
