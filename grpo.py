@@ -72,7 +72,7 @@ class Config:
     loss_type: str = "grpo"  # token aggregation: grpo (paper), dapo (token mean), dr_grpo
     ref_sync_every: int = 0  # copy the policy into the reference every N steps; 0 = never
     learning_rate: float = 1e-6  # AdamW learning rate (constant)
-    max_steps: int = 200  # GRPO steps (each: one generation, then mu optimizer steps)
+    max_steps: int = 200  # GRPO steps (each: one generation, then mu x mini_batches updates)
     # Rewards (rewards.py): total = Σ name_weight * name, over format, answer and step
     format_weight: float = 0.5  # weight of the format reward (<reasoning>, then <answer>)
     answer_weight: float = 1.0  # weight of the answer reward (final number equals the gold one)
@@ -326,7 +326,7 @@ def grpo_step(policy, reference, tokenizer, optimizer, rows: list[dict], cfg: Co
                      mask.sum(dim=1).tolist(), rollout.texts, rewards.tolist())]
             advantages = process_advantages(steps, G, T)  # [B, T]
         advantages = advantages.to(device)
-    # 4. Log-probs that stay fixed during the update: old policy (mu > 1), reference (beta > 0).
+    # 4. Log-probs fixed during the update: old policy (mu or mini-batches > 1), reference (beta).
     input_ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], dim=1)  # [B, Tp + T]
     attention_mask = torch.cat([rollout.prompt_mask, rollout.completion_mask], dim=1)
     with timed(times, "time/logps", device):
