@@ -196,7 +196,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int, std: str = "group",
     grouped = rewards.view(-1, group_size)  # [P, G]
     advantages = grouped - grouped.mean(dim=1, keepdim=True)  # [P, G]
     if std != "none":
-        scale = rewards.std() if std == "batch" else grouped.std(dim=1, keepdim=True)
+        scale = {"group": grouped.std(dim=1, keepdim=True), "batch": rewards.std()}[std]
         advantages = advantages / (scale + eps)
     all_equal = (grouped == grouped[:, :1]).all(dim=1, keepdim=True)  # [P, 1]: teaches nothing
     return advantages.masked_fill(all_equal, 0.0).view(-1)  # [B]
@@ -209,7 +209,7 @@ def process_advantages(steps: list[list[tuple[int, float]]], group_size: int, le
     normalized = torch.zeros(len(steps), length)  # [B, T]: r̃ at the token that ends its step
     for g in range(0, len(steps), group_size):
         R = torch.tensor([r for i in range(g, g + group_size) for _, r in steps[i]])  # the group's
-        if len(R) > 1 and (R != R[0]).any():  # all equal: Â = 0, as with outcomes
+        if R.unique().numel() > 1:  # one step, or equal rewards: Â = 0, as with outcomes
             for i in range(g, g + group_size):
                 for t, r in steps[i]:
                     normalized[i, t] += (r - R.mean()) / (R.std() + eps)

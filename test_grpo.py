@@ -1292,6 +1292,10 @@ def test_a_local_folder_is_a_folder_and_a_path_is_never_a_hub_id(tiny_model_dir,
     for missing in ("offline-models/SmolLM2/x", "models\\tiny2"):
         with pytest.raises(ConfigError, match=re.escape(f"--model {missing!r}: no such model folder")):
             grpo.check_config(Config(model=missing, dataset="arithmetic"))
+    with pytest.raises(ConfigError) as refused:
+        grpo.check_config(Config(model="models/tiny", dataset="data/train.jsonl"))
+    assert str(refused.value) == ("--dataset 'data/train.jsonl': no such data file or folder. Check the path, or "
+                                  "pass a Hub id.")
 
 
 def test_without_the_hub_hub_ids_load_from_the_cache_at_once_and_say_what_to_do(tmp_path, monkeypatch, capsys):
@@ -1312,13 +1316,17 @@ def test_without_the_hub_hub_ids_load_from_the_cache_at_once_and_say_what_to_do(
     assert capsys.readouterr().out == ("note: huggingface.co cannot be reached: --model nobody/no-such-model from the "
                                        "cache only. Without the Hub: --model ./folder, --dataset arithmetic or a "
                                        "JSON-lines file.\n")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    grpo.check_config(Config(model="nobody/no-such-model", dataset="nobody/data"))  # both named, once each
+    assert "--model nobody/no-such-model, --dataset nobody/data from the cache only" in capsys.readouterr().out
     start = time.perf_counter()
     with pytest.raises(ConfigError, match="--model 'nobody/no-such-model' cannot be loaded"):
         grpo.load_tokenizer("nobody/no-such-model")
     assert time.perf_counter() - start < 5  # no retries (seen: 0.01 s)
     looked.clear()
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     grpo.check_config(Config(model=str(tmp_path), dataset="arithmetic"))  # nothing from the Hub: no look
-    assert looked == []
+    assert looked == [] and not huggingface_hub.constants.HF_HUB_OFFLINE and capsys.readouterr().out == ""
 
 
 def test_a_run_without_a_checkpoint_starts_again_with_resume(tiny_model_dir, tmp_path, capsys):
@@ -2706,3 +2714,42 @@ def test_step_statistics_count_steps_that_hold_and_that_repeat():
     assert stats == {"steps/per_reply": 4 / 3, "steps/hold_frac": 3 / 4, "steps/repeated_frac": 1 / 4}
     assert rewards.step_statistics([]) == {"steps/per_reply": 0.0, "steps/hold_frac": 0.0,
                                            "steps/repeated_frac": 0.0}
+
+
+def test_load_tokenizer_runs_no_remote_code_unless_asked_and_pads_with_eos(tiny_model_dir, tmp_path, monkeypatch):
+    from transformers import AutoTokenizer
+    asked = []
+    load = AutoTokenizer.from_pretrained
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", lambda name, **kw: asked.append(kw) or load(name, **kw))
+    grpo.load_tokenizer(str(tiny_model_dir))
+    grpo.load_tokenizer(str(tiny_model_dir), trust_remote_code=True)
+    assert asked == [{"trust_remote_code": False}, {"trust_remote_code": True}]
+    no_pad = tmp_path / "no-pad"
+    tokenizer = load(str(tiny_model_dir))
+    tokenizer.pad_token = None
+    tokenizer.save_pretrained(no_pad)
+    assert load(str(no_pad)).pad_token is None and grpo.load_tokenizer(str(no_pad)).pad_token == "<|im_end|>"
+    with pytest.raises(ConfigError) as refused:
+        grpo.load_tokenizer(str(tmp_path / "empty"))
+    assert str(refused.value).endswith("Pass a Hub id or a local folder with config.json, weights and tokenizer.")
+
+
+def test_step_statistics_of_one_reply_with_one_step():
+    assert rewards.step_statistics(["<reasoning>\n2 + 2 = 4\n</reasoning>"]) == {
+        "steps/per_reply": 1.0, "steps/hold_frac": 1.0, "steps/repeated_frac": 0.0}
+    assert rewards.step_statistics(["<reasoning>\n2 + 2 = 5\n</reasoning>"])["steps/hold_frac"] == 0.0
+
+
+def test_process_advantages_normalize_each_group_apart_and_sum_steps_ending_together():
+    """Two groups: each with its own mean and std (the second's rows never see the first's); two steps that end
+    at the same token both count; a group of one step, or none, or of equal float rewards gives exactly 0."""
+    one = [[(0, 1.0), (2, 0.0)], [(1, 0.5), (1, 1.0)]]  # the second reply's two steps end at token 1
+    two = [[(2, 3.0)], [(0, 0.0), (2, 1.0)]]
+    both = grpo.process_advantages(one + two, group_size=2, length=3)
+    torch.testing.assert_close(both, torch.cat([grpo.process_advantages(one, 2, 3), grpo.process_advantages(two, 2, 3)]))
+    R = torch.tensor([1.0, 0.0, 0.5, 1.0])
+    summed = ((0.5 - R.mean()) + (1.0 - R.mean())) / (R.std() + 1e-4)
+    torch.testing.assert_close(both[1, :2], summed.expand(2))
+    assert both[1, 2] == 0
+    for steps, size in (([[(1, 1.0)]], 1), ([[], []], 2), ([[(0, 0.45)], [(1, 0.45), (2, 0.45)]], 2)):
+        assert grpo.process_advantages(steps, size, 3).eq(0).all(), steps
