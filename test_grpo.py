@@ -2753,3 +2753,5 @@ def test_process_advantages_normalize_each_group_apart_and_sum_steps_ending_toge
     assert both[1, 2] == 0
     for steps, size in (([[(1, 1.0)]], 1), ([[], []], 2), ([[(0, 0.45)], [(1, 0.45), (2, 0.45)]], 2)):
         assert grpo.process_advantages(steps, size, 3).eq(0).all(), steps
+    two_values = grpo.process_advantages([[(0, 1.0)], [(0, 0.0)]], 2, 1)  # two distinct rewards are enough
+    torch.testing.assert_close(two_values, torch.tensor([[0.707007], [-0.707007]]), atol=1e-5, rtol=0)  # ±0.5 / 0.7072

@@ -54,7 +54,7 @@ def summary(run_dir: Path) -> dict:
             f"steps that hold, last {LAST}": mean("steps/hold_frac"),
             f"repeated steps, last {LAST}": mean("steps/repeated_frac"),
             f"KL per token, last {LAST}; largest": (mean("kl"), max(m["kl"] for m in steps)),
-            "accuracy": [m["accuracy"] for m in steps]}
+            "accuracy": [m["accuracy"] for m in steps], "format_rate": [m["format_rate"] for m in steps]}
 
 
 def cell(key: str, values: list) -> str:
@@ -66,18 +66,20 @@ def cell(key: str, values: list) -> str:
 
 
 def draw(table: dict[str, list[dict]], path: Path, smooth: int = 5) -> None:
-    """Sampled accuracy per step (a moving mean over `smooth` steps), a line per method, a style per seed."""
+    """Sampled accuracy and strict-format rate per step (moving means over `smooth` steps), a line per method,
+    a style per seed."""
     from matplotlib.figure import Figure
-    fig = Figure(figsize=(7, 4), dpi=80, layout="tight")
-    ax = fig.subplots()
-    for color, (method, seeds) in zip(("tab:gray", "tab:blue", "tab:orange", "tab:green"), table.items()):
-        for style, run in zip(("-", ":"), seeds):
-            acc = run["accuracy"]
-            smoothed = [statistics.mean(acc[max(0, i - smooth + 1):i + 1]) for i in range(len(acc))]
-            ax.plot(range(1, len(acc) + 1), smoothed, style, color=color, label=f"{method}" * (style == "-"))
-    ax.set(title=f"arithmetic3 (a + b - c, up to 9), SmolLM2-135M: sampled accuracy, mean of {smooth} steps",
-           xlabel="step (3 questions x 8 replies)", ylabel="accuracy")
-    ax.legend(title="seed 0 solid, seed 1 dotted")
+    fig = Figure(figsize=(11, 4), dpi=80, layout="tight")
+    for ax, key in zip(fig.subplots(1, 2), ("accuracy", "format_rate")):
+        for color, (method, seeds) in zip(("tab:gray", "tab:blue", "tab:orange", "tab:green"), table.items()):
+            for style, run in zip(("-", ":"), seeds):
+                values = run[key]
+                smoothed = [statistics.mean(values[max(0, i - smooth + 1):i + 1]) for i in range(len(values))]
+                ax.plot(range(1, len(values) + 1), smoothed, style, color=color, label=method * (style == "-"))
+        what = "strict-format rate" if key == "format_rate" else "accuracy"
+        ax.set(title=f"sampled {what}, mean of {smooth} steps", xlabel="step (3 questions x 8 replies)", ylim=(0, 1))
+    ax.legend(title="seed 0 solid, seed 1 dotted", fontsize=8)
+    fig.suptitle("arithmetic3 (a + b - c, numbers up to 9), SmolLM2-135M-Instruct")
     fig.savefig(path)
 
 
