@@ -9,6 +9,8 @@ the replies. grpo.py knows the task only through this file; to train on your own
                      `arithmetic3` (a + b - c, two steps, for process supervision)
   rows_for_step      the questions of one training step
   check_sources      --model and --dataset: paths that exist, or Hub ids (offline: the cache)
+  load_tokenizer     the model's tokenizer, its chat template checked against the prompt
+  quiet_libraries    no per-file progress bars from transformers and datasets while loading
 
 The rewards are rules a program checks, as DeepSeek-R1's were (DeepSeekMath's RL scored with a
 learned reward model). Each is a function `(completions, answers) -> list[float]`, one per reply:
