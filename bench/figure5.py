@@ -99,7 +99,7 @@ def main():
     print("| measure: mean (seed 0, seed 1) | " + " | ".join(table) + " |")
     print("|---|" + "---|" * len(table))
     for key in table["GRPO, outcome"][0]:
-        if key != "accuracy":
+        if key not in ("accuracy", "format_rate"):  # the per-step lists: drawn, not tabled
             print(f"| {key} | " + " | ".join(cell(key, [r[key] for r in rs]) for rs in table.values()) + " |")
     if args.figure:
         draw(table, args.figure)
