@@ -62,7 +62,7 @@ class Config:
     max_completion_length: int = 512  # new tokens per completion; one cut here is truncated
     temperature: float = 1.0  # sampling temperature; log-probs are computed at the same one
     beta: float = 0.04  # KL coefficient; 0 loads no reference model at all
-    kl_estimator: str = "k3_ratio"  # KL term: k3_ratio (ratio x k3), k3, k2; k1_to_go (in Â, to go)
+    kl_estimator: str = "k3_ratio"  # KL term: k3_ratio (ratio x k3), k3, k2; k1_to_go (in Â)
     epsilon_low: float = 0.2  # ratio clip below: 1 - epsilon_low
     epsilon_high: float = 0.2  # ratio clip above: 1 + epsilon_high
     mu: int = 1  # passes over each generated batch (the paper's μ)
