@@ -12,12 +12,11 @@ Each run is `grpo.py --model SMOLLM2_FOLDER` with SETTINGS, `--seed S`, its meth
 again. Prints one markdown table; draws the sampled accuracy per step, a line per method.
 """
 
-import argparse
 import json
 import statistics
 from pathlib import Path
 
-from kl_estimators import run_all
+from kl_estimators import run_all, runs_parser
 
 SETTINGS = ["--dataset", "arithmetic3", "--arithmetic-max", "9", "--prompts-per-step", "3",
             "--max-completion-length", "64", "--learning-rate", "5e-6", "--max-steps", "25",
@@ -84,11 +83,7 @@ def draw(table: dict[str, list[dict]], path: Path, smooth: int = 5) -> None:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", help="Hub id or local folder of the chat model (SmolLM2-135M-Instruct)")
-    parser.add_argument("--out", required=True, help="folder of the seven runs")
-    parser.add_argument("--parallel", type=int, default=1, help="runs at a time")
-    parser.add_argument("--threads", type=int, help="torch threads per run (OMP_NUM_THREADS)")
+    parser = runs_parser(__doc__, "seven")
     parser.add_argument("--figure", type=Path, help="where to draw the accuracy per step (PNG)")
     args = parser.parse_args()
     out = Path(args.out)

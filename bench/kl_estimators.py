@@ -55,13 +55,18 @@ def summary(run_dir: Path) -> dict:
             "greedy held-out format rate, after": results["after"]["format_rate"]}
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def runs_parser(doc: str, runs: str) -> argparse.ArgumentParser:
+    """The flags of a script that runs grpo.py several times with run_all: the model, the folder, how many at once."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="Hub id or local folder of the chat model (SmolLM2-135M-Instruct)")
-    parser.add_argument("--out", required=True, help="folder of the four runs")
+    parser.add_argument("--out", required=True, help=f"folder of the {runs} runs")
     parser.add_argument("--parallel", type=int, default=1, help="runs at a time")
     parser.add_argument("--threads", type=int, help="torch threads per run (OMP_NUM_THREADS)")
-    args = parser.parse_args()
+    return parser
+
+
+def main():
+    args = runs_parser(__doc__, "four").parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     runs = {f"{e}-seed{s}": [*SETTINGS, "--seed", str(s), "--kl-estimator", e] for s in SEEDS for e in ESTIMATORS}
