@@ -6,6 +6,7 @@ Run: python -m pytest -q test_grpo.py
 
 import contextlib
 import importlib
+import inspect
 import io
 import json
 import logging
@@ -129,6 +130,12 @@ def tiny_config(tiny_model_dir, tmp_path, **overrides) -> Config:
 # ---------------------------------------------------------------------------------------------
 # Reference values, computed from the formulas by hand (see grpo_loss's docstring) and copied here as literals.
 # Tolerance 1e-5: the literals have 6 decimals; float32 arithmetic is exact to about 1e-7 here.
+# The tests of Part 1's functions say what was expected and why (exercises/ runs them on a learner's code).
+
+
+def close(actual, expected, why: str, **tolerances):
+    """torch.testing.assert_close whose failure says first what was expected and why."""
+    torch.testing.assert_close(actual, expected, msg=lambda numbers: f"{why}\n{numbers}", **tolerances)
 
 
 @pytest.mark.parametrize("rewards, expected", [
@@ -138,7 +145,9 @@ def tiny_config(tiny_model_dir, tmp_path, **overrides) -> Config:
 ])
 def test_group_advantages_reference_values(rewards, expected):
     advantages = group_advantages(torch.tensor(rewards, dtype=torch.float32), len(rewards))
-    torch.testing.assert_close(advantages, torch.tensor(expected, dtype=torch.float32), atol=1e-5, rtol=0)
+    close(advantages, torch.tensor(expected, dtype=torch.float32), "Â_i = (r_i - mean(r)) / (std(r) + 1e-4) "
+          "over the group, with the sample std (N - 1: torch.std's default, as TRL's); equal rewards "
+          "give exactly 0", atol=1e-5, rtol=0)
 
 
 def test_group_advantages_are_exactly_zero_for_equal_rewards_and_per_group():
@@ -146,21 +155,28 @@ def test_group_advantages_are_exactly_zero_for_equal_rewards_and_per_group():
     # ~3e-4, a signal made of rounding. (Other groups differ, so a check over the whole batch would not catch it.)
     rewards = torch.tensor([0.45, 0.45, 0.45, 1.0, 0.0, 0.0])
     advantages = group_advantages(rewards, 3)
-    assert advantages[:3].eq(0).all()
-    torch.testing.assert_close(advantages[3:], group_advantages(torch.tensor([1.0, 0.0, 0.0]), 3))
+    assert advantages[:3].eq(0).all(), ("equal rewards must give advantage exactly 0: such a group teaches nothing "
+                                        f"(a float32 mean's rounding over std + eps gave {advantages[:3].tolist()})")
+    close(advantages[3:], group_advantages(torch.tensor([1.0, 0.0, 0.0]), 3), "each group is its own baseline: "
+          "its rewards minus its own mean, over its own std; another group's rewards must not change it")
     no_std = group_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0]), 4, std="none")
-    torch.testing.assert_close(no_std, torch.tensor([0.5, -0.5, -0.5, 0.5]))
+    close(no_std, torch.tensor([0.5, -0.5, -0.5, 0.5]), 'std="none" (Dr. GRPO): r_i - mean(r), divided by nothing')
 
 
 def test_kl_estimators_reference_values():
     log_r = torch.tensor([-1.0, 0.5, 2.0])  # log_r = ref_logp - logp
     logp = torch.zeros(3)
-    torch.testing.assert_close(kl_estimate(logp, log_r, "k3"), torch.tensor([0.367879, 0.148721, 4.389056]),
-                               atol=1e-5, rtol=0)
-    torch.testing.assert_close(kl_estimate(logp, log_r, "k1"), -log_r)
-    torch.testing.assert_close(kl_estimate(logp, log_r, "k2"), 0.5 * log_r**2)
+    why = "Schulman's estimators of KL(π_θ || π_ref) with log_r = log π_ref - log π_θ: "
+    close(kl_estimate(logp, log_r, "k3"), torch.tensor([0.367879, 0.148721, 4.389056]),
+          why + "k3 = e^log_r - log_r - 1", atol=1e-5, rtol=0)
+    close(kl_estimate(logp, log_r, "k1"), -log_r, why + "k1 = -log_r")
+    close(kl_estimate(logp, log_r, "k2"), 0.5 * log_r**2, why + "k2 = log_r² / 2")
+
+
+def test_an_unknown_kl_estimator_is_refused():
+    logp = torch.zeros(3)
     with pytest.raises(ValueError, match=re.escape("unknown KL estimator 'k4'; choose one of k1, k2, k3, k3_ratio")):
-        kl_estimate(logp, log_r, "k4")
+        kl_estimate(logp, logp, "k4")
 
 
 # The KL term as a loss, by exact enumeration: one token from a categorical policy over V choices, its
@@ -206,15 +222,32 @@ def test_which_kl_gradient_each_estimator_gives_as_a_loss(kind, on_policy, whose
     theta, ref_logits, old_logits = torch.randn(3, 6, generator=generator, dtype=torch.float64)  # V = 6
     gradient = expected_kl_term_gradient(kind, theta, None if on_policy else old_logits, ref_logits)
     truths = kl_gradients(theta, ref_logits)
+    why = f"{kind} as a loss, {'on' if on_policy else 'off'} policy, must give the gradient of {whose} (README's table)"
     if whose == "zero":
-        torch.testing.assert_close(gradient, torch.zeros_like(gradient), atol=1e-9, rtol=0)
+        close(gradient, torch.zeros_like(gradient), why, atol=1e-9, rtol=0)
     elif whose == "neither":
         for truth in truths.values():
-            assert (gradient - truth).norm() > 0.05 * truth.norm()
+            assert (gradient - truth).norm() > 0.05 * truth.norm(), why
     else:
-        torch.testing.assert_close(gradient, truths[whose], atol=1e-9, rtol=0)
+        close(gradient, truths[whose], why, atol=1e-9, rtol=0)
         other = next(t for name, t in truths.items() if name != whose)
         assert (gradient - other).norm() > 0.05 * other.norm()  # the two KLs differ here
+
+
+@pytest.mark.parametrize("kind", ["k3_ratio", "k3", "k2"])
+def test_the_kl_term_pulls_the_policy_towards_the_reference(kind):
+    """Â = 0: only the KL term acts. A small step down its expected gradient (by enumeration, as above) must
+    lower KL(π_θ || π_ref), with each estimator that regularizes on policy."""
+    generator = torch.Generator().manual_seed(0)
+    theta, ref_logits = torch.randn(2, 6, generator=generator, dtype=torch.float64)
+
+    def kl(logits):
+        logp, ref_logp = logits.log_softmax(-1), ref_logits.log_softmax(-1)
+        return (logp.exp() * (logp - ref_logp)).sum().item()
+    stepped = theta - 0.1 * expected_kl_term_gradient(kind, theta, None, ref_logits)
+    assert kl(stepped) < kl(theta), (f"with Â = 0 only the KL term acts: a step down the loss's gradient must move "
+                                     f"π_θ towards the reference (+ β KL: a penalty), yet the KL went "
+                                     f"{kl(theta):.4f} -> {kl(stepped):.4f}")
 
 
 def sequence_logps(first, second):
@@ -292,8 +325,8 @@ def test_off_policy_no_estimator_gives_the_whole_completions_kl_gradient():
 
 def test_k3_ratio_is_k3_times_the_ratio_and_k1_is_refused(tiny_model_dir, tmp_path):
     logp, old_logp, ref_logp = torch.tensor([-1.0, -0.5]), torch.tensor([-1.2, -0.1]), torch.tensor([-0.7, -0.9])
-    torch.testing.assert_close(kl_estimate(logp, ref_logp, "k3_ratio", old_logp),
-                               torch.exp(logp - old_logp) * kl_estimate(logp, ref_logp, "k3"))
+    close(kl_estimate(logp, ref_logp, "k3_ratio", old_logp), torch.exp(logp - old_logp) * (
+          torch.exp(ref_logp - logp) - (ref_logp - logp) - 1), "k3_ratio = ρ k3, ρ = π_θ / π_θ_old = e^(logp - old_logp)")
     with pytest.raises(ConfigError, match="k1: as a loss its gradient is 0 in expectation on policy"):
         grpo.check_config(tiny_config(tiny_model_dir, tmp_path, kl_estimator="k1"))
 
@@ -311,10 +344,14 @@ TWO_COMPLETIONS = dict(
 def test_grpo_loss_reference_values(loss_type, expected):
     loss, diagnostics = grpo_loss(**TWO_COMPLETIONS, beta=0.04, epsilon_low=0.2, epsilon_high=0.2,
                                   loss_type=loss_type, max_completion_length=4, kl_estimator="k3")
-    assert loss.item() == pytest.approx(expected, abs=1e-5)
+    mean = {"grpo": "1/B Σ_i 1/|o_i| Σ_t", "dapo": "Σ_it / Σ_i |o_i|", "dr_grpo": "Σ_it / (B max_completion_length)"}
+    assert loss.item() == pytest.approx(expected, abs=1e-5), (
+        f"the loss by hand: per token -min(ρÂ, clip(ρ, 1 - ε_low, 1 + ε_high) Â) + β k3 (the min: the pessimistic of "
+        f"the two, PPO's bound), then {loss_type}'s mean, {mean[loss_type]}")
     # token 2 of completion 1: ratio e^0.3 = 1.35 > 1.2 with A > 0; token 2 of completion 2: e^-0.3 = 0.74 < 0.8 with A < 0
-    assert diagnostics["clip/high_frac"] == pytest.approx(1 / 5)
-    assert diagnostics["clip/low_frac"] == pytest.approx(1 / 5)
+    why = "clip/high_frac, clip/low_frac: the share of the batch's tokens whose gradient the clip stops"
+    assert diagnostics["clip/high_frac"] == pytest.approx(1 / 5), why
+    assert diagnostics["clip/low_frac"] == pytest.approx(1 / 5), why
 
 
 def test_unknown_loss_type_raises():
@@ -326,7 +363,8 @@ def test_unknown_loss_type_raises():
 def test_without_reference_log_probs_the_loss_has_no_kl_term():
     args = dict(TWO_COMPLETIONS, loss_type="grpo", max_completion_length=4, epsilon_low=0.2, epsilon_high=0.2)
     loss, diagnostics = grpo_loss(**{**args, "ref_logp": None}, beta=0.04)
-    assert loss.item() == grpo_loss(**args, beta=0.0)[0].item() and diagnostics["kl"] == 0.0
+    assert loss.item() == grpo_loss(**args, beta=0.0)[0].item() and diagnostics["kl"] == 0.0, (
+        "ref_logp None (beta 0: no reference is loaded): no KL term, and a KL of 0 in the diagnostics")
 
 
 def test_clip_fractions_count_the_tokens_whose_gradient_the_clip_stops():
@@ -339,13 +377,16 @@ def test_clip_fractions_count_the_tokens_whose_gradient_the_clip_stops():
     args = dict(ref_logp=None, beta=0.0, loss_type="grpo", max_completion_length=1)
     _, diagnostics = grpo_loss(logp, torch.zeros(8, 1), advantages=advantages, mask=mask, epsilon_low=0.2,
                                epsilon_high=0.28, **args)
-    assert (diagnostics["clip/low_frac"], diagnostics["clip/high_frac"]) == (1 / 8, 1 / 8)
+    assert (diagnostics["clip/low_frac"], diagnostics["clip/high_frac"]) == (1 / 8, 1 / 8), (
+        "clipped: ρ < 1 - ε_low with Â < 0, or ρ > 1 + ε_high with Â > 0 (there min() takes the clipped term, "
+        "constant in θ); beyond the range on the other side of Â, or with Â = 0, the clip changes nothing")
     _, edge = grpo_loss(torch.zeros(2, 1), torch.zeros(2, 1), advantages=torch.tensor([-1.0, 1.0]), mask=torch.ones(2, 1),
                         epsilon_low=0.0, epsilon_high=0.0, **args)
-    assert (edge["clip/low_frac"], edge["clip/high_frac"]) == (0.0, 0.0)
+    assert (edge["clip/low_frac"], edge["clip/high_frac"]) == (0.0, 0.0), "at the edge (ρ = 1 exactly) nothing is cut"
     _, one = grpo_loss(logp[:1], torch.zeros(1, 1), advantages=advantages[:1], mask=mask[:1], epsilon_low=0.2,
                        epsilon_high=0.28, **args)
-    assert one["ratio_mean"] == pytest.approx(0.7) and one["clip/low_frac"] == 1.0  # 0.7 up to float32 rounding
+    assert one["ratio_mean"] == pytest.approx(0.7) and one["clip/low_frac"] == 1.0, (  # 0.7 up to float32 rounding
+        "the diagnostics are means over the batch's tokens: here its one token")
 
 
 def test_asymmetric_clip_range():
@@ -369,8 +410,10 @@ def test_grpo_gradient_with_ratio_one_is_minus_advantage_over_length():
     loss.backward()
     B, lengths = 2, mask.sum(dim=1, keepdim=True)
     expected = -advantages[:, None] / lengths / B * mask
-    torch.testing.assert_close(logp.grad, expected)
-    assert loss.item() == pytest.approx(-advantages.mean().item())  # ratio 1: each sequence's term is -A_i
+    close(logp.grad, expected, "at ratio 1 (mu = 1) the gradient is the policy gradient, d loss / d logp_it = "
+          "-Â_i / (|o_i| B) on each token of completion i, 0 on padding; the clip must not act at ratio 1")
+    assert loss.item() == pytest.approx(-advantages.mean().item()), (  # ratio 1: each sequence's term is -A_i
+        "at ratio 1 each completion's term is -Â_i: the loss is -mean(Â), about 0 when Â sums to 0 over a group")
 
 
 def random_batch(model, tokenizer, seed=0, batch=6, prompt_len=5, completion_len=7, one_prompt=False):
@@ -422,11 +465,13 @@ def test_gradient_does_not_depend_on_micro_batch_size(tiny, loss_type):
         return torch.cat([p.grad.flatten() for p in model.parameters()])
 
     full = gradient(B)
-    assert full.abs().max() > 0
+    assert full.abs().max() > 0, "the loss must have a gradient with respect to the policy's weights"
     for micro_batch_size in (1, 4):  # 4 does not divide B = 6: micro-batches of 4 and 2
         # float32, summed in a different order: seen within 2.1e-7 of the largest component; 1e-6 of it leaves
         # room for other CPUs' kernels. A per-micro-batch denominator is off by a factor (4/6, 2/6, ...).
-        torch.testing.assert_close(gradient(micro_batch_size), full, rtol=0, atol=1e-6 * full.abs().max().item())
+        close(gradient(micro_batch_size), full, "the loss's mean is over the whole batch (num_sequences, num_tokens), "
+              "not each micro-batch: the gradient must not depend on the micro-batch size",
+              rtol=0, atol=1e-6 * full.abs().max().item())
     model.zero_grad()
 
 
@@ -450,7 +495,10 @@ def test_log_probs_keep_no_vocabulary_sized_tensor_for_the_backward_pass(tiny):
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
         per_token_logps(model, ids, torch.ones_like(ids), 6, chunk_size=4)
-    assert saved and not [shape for shape in saved if shape[-1] == V and len(shape) >= 2 and shape[0] != V], saved
+    assert saved and not [shape for shape in saved if shape[-1] == V and len(shape) >= 2 and shape[0] != V], (
+        "no vocabulary-sized [tokens, V] tensor may stay saved for backward (B x T x V float32 logits: 10 GB at "
+        "64 x 256 x 152k): project a chunk of tokens at a time, recomputed in backward (torch.utils.checkpoint). "
+        f"Saved: {saved}")
 
 
 @pytest.mark.parametrize("chunk_size, temperature, one_prompt", [(1024, 1.0, False), (5, 0.7, False), (5, 0.7, True)])
@@ -465,16 +513,17 @@ def test_per_token_logps_equals_plain_log_softmax(tiny, monkeypatch, chunk_size,
     model.eval()
     assert len(calls) == one_prompt and (not calls or len(calls[0][1]) == 1)
     expected = naive_logps(model, input_ids, attention_mask, K, temperature)
-    assert logp.shape == expected.shape == mask.shape
+    assert logp.shape == expected.shape == mask.shape, f"one log-prob per completion token, [B, T]: {logp.shape}"
     # Same float32 numbers through different kernels (chunked matmul, logsumexp vs log_softmax).
-    torch.testing.assert_close(logp, expected, rtol=1e-5, atol=1e-5)
+    close(logp, expected, "log π(o_t | q, o_<t): the logits at t - 1 predict the next token, o_t, at the sampling "
+          f"temperature ({temperature}), the distribution o_t was drawn from", rtol=1e-5, atol=1e-5)
     # The chunks are recomputed in backward (checkpoint); the gradient must be the plain one.
     (logp * mask).sum().backward()
     chunked = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
     (naive_logps(model, input_ids, attention_mask, K, temperature) * mask).sum().backward()
     for a, b in zip(chunked, [p.grad for p in model.parameters()]):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        close(a, b, "the gradient must be the plain log_softmax's", rtol=1e-4, atol=1e-6)
     model.zero_grad()
 
 
@@ -485,7 +534,8 @@ def test_left_padding_does_not_change_logps(tiny):
     pad = torch.full((1, 4), tokenizer.pad_token_id)
     alone = per_token_logps(model, ids, torch.ones_like(ids), 5)
     padded = per_token_logps(model, torch.cat([pad, ids], 1), torch.cat([torch.zeros_like(pad), torch.ones_like(ids)], 1), 5)
-    torch.testing.assert_close(padded, alone, rtol=1e-5, atol=1e-5)
+    close(padded, alone, "left padding must not change the log-probs: positions counted from the attention mask, "
+          "the padding masked out", rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -494,15 +544,16 @@ def test_left_padding_does_not_change_logps(tiny):
 EOS, PAD, X = 2, 0, 7
 
 
-@pytest.mark.parametrize("ids, eos_ids, expected", [
-    ([[X, X, EOS, EOS, EOS]], [EOS], [[1, 1, 1, 0, 0]]),  # pad == EOS: keep the first EOS only
-    ([[EOS, X, X, PAD, PAD]], [EOS], [[1, 0, 0, 0, 0]]),  # EOS first
-    ([[X, X, X, X, X]], [EOS], [[1, 1, 1, 1, 1]]),  # no EOS: truncated, all kept
-    ([[X, 9, X, EOS, X]], [EOS, 9], [[1, 1, 0, 0, 0]]),  # several EOS ids: the first of any
-    ([[X, EOS, PAD], [X, X, 9]], [9, EOS], [[1, 1, 0], [1, 1, 1]]),  # rows are independent
+@pytest.mark.parametrize("ids, eos_ids, expected, why", [
+    ([[X, X, EOS, EOS, EOS]], [EOS], [[1, 1, 1, 0, 0]], "the padding is the EOS token here: only the first EOS counts"),
+    ([[EOS, X, X, PAD, PAD]], [EOS], [[1, 0, 0, 0, 0]], "a reply that ends at once is the EOS itself, one token"),
+    ([[X, X, X, X, X]], [EOS], [[1, 1, 1, 1, 1]], "no EOS: the reply was cut off (truncated), every token counts"),
+    ([[X, 9, X, EOS, X]], [EOS, 9], [[1, 1, 0, 0, 0]], "any of the end-of-reply ids ends it (Qwen2.5 has two)"),
+    ([[X, EOS, PAD], [X, X, 9]], [9, EOS], [[1, 1, 0], [1, 1, 1]], "each row ends at its own first EOS"),
 ])
-def test_completion_mask(ids, eos_ids, expected):
-    assert completion_mask(torch.tensor(ids), eos_ids).tolist() == expected
+def test_completion_mask(ids, eos_ids, expected, why):
+    assert completion_mask(torch.tensor(ids), eos_ids).tolist() == expected, (
+        f"1 up to and including the first EOS (the policy sampled it: it learns to stop), 0 after it: {why}")
 
 
 def test_generate_completions_one_batch(tiny):
@@ -562,7 +613,8 @@ def test_greedy_decoding_over_the_shared_prompt_cache_equals_plain_generate(live
     completions = plain[:, rollout.prompt_ids.shape[1]:]
     assert completions.shape == rollout.completion_ids.shape
     # up to each row's first EOS (after it both pad, and nothing is scored)
-    assert torch.equal(completions * rollout.completion_mask, rollout.completion_ids * rollout.completion_mask)
+    assert torch.equal(completions * rollout.completion_mask, rollout.completion_ids * rollout.completion_mask), (
+        "temperature 0 must draw the most likely token (argmax), as generate(do_sample=False) does")
 
 
 def test_greedy_decoding_stops_at_any_end_of_reply_id_as_generate_does(lively):
@@ -730,17 +782,20 @@ def test_sampling_draws_from_softmax_of_the_logits_over_the_temperature(lively, 
     # The statistic is about chi-square(df): mean df, sd sqrt(2 df). Mean + 6 sd fails a correct
     # sampler with probability well under 1e-5, and the other temperature's probabilities exceed it.
     statistic, df = chi_square(counts, torch.softmax(logits / temperature, dim=-1))
-    assert statistic < df + 6 * (2 * df) ** 0.5, (statistic, df)
+    why = (f"4,000 draws must follow softmax(logits / temperature) at temperature {temperature}, the distribution "
+           "whose log-probs the loss uses")
+    assert statistic < df + 6 * (2 * df) ** 0.5, f"{why} (chi-square {statistic:.0f}, {df} degrees of freedom)"
     statistic, df = chi_square(counts, torch.softmax(logits / other, dim=-1))
-    assert statistic > df + 6 * (2 * df) ** 0.5, (statistic, df)
+    assert statistic > df + 6 * (2 * df) ** 0.5, f"{why}, not at temperature {other}"
 
 
 def test_sampling_and_the_mask_make_their_tensors_on_their_inputs_device():
     """On torch's meta device (shapes, no data): a tensor made on the CPU beside a GPU's would fail there, and here."""
     ids = torch.zeros(3, 5, dtype=torch.long, device="meta")
-    assert completion_mask(ids, [1, 2]).device.type == "meta"
+    why = "a tensor made without device= lands on the CPU: beside a GPU's tensors that fails"
+    assert completion_mask(ids, [1, 2]).device.type == "meta", why
     for temperature in (1.0, 0.0):
-        assert sample_tokens(torch.zeros(3, 7, device="meta"), temperature).device.type == "meta"
+        assert sample_tokens(torch.zeros(3, 7, device="meta"), temperature).device.type == "meta", why
 
 
 def test_the_uniform_number_keeps_float64_resolution(monkeypatch):
@@ -750,14 +805,16 @@ def test_the_uniform_number_keeps_float64_resolution(monkeypatch):
     monkeypatch.setattr(torch, "rand", lambda *shape, dtype=None, **kwargs: torch.full(shape, 0.5 + 2**-30, dtype=dtype))
     p = 0.5 + 2**-31
     logits = torch.tensor([[math.log(p), math.log(1 - p)]], dtype=torch.float64)
-    assert sample_tokens(logits, temperature=1.0).tolist() == [1]
+    assert sample_tokens(logits, temperature=1.0).tolist() == [1], (
+        "the CDF and the uniform number must stay float64: in float32 a token of probability below 2^-24 is never drawn")
 
 
 def test_a_uniform_number_of_zero_never_draws_a_token_of_probability_zero(monkeypatch):
     """torch.rand can return exactly 0. The draw is the first token whose CDF exceeds u (searchsorted's
     right=True), so u = 0 gives the first token of positive probability, never token 0 when its probability is 0."""
     monkeypatch.setattr(torch, "rand", lambda *shape, **kwargs: torch.zeros(*shape, dtype=torch.float64))
-    assert sample_tokens(torch.tensor([[-math.inf, 0.0, 0.0]]), temperature=1.0).tolist() == [1]
+    assert sample_tokens(torch.tensor([[-math.inf, 0.0, 0.0]]), temperature=1.0).tolist() == [1], (
+        "u = 0 drew a token of probability 0: draw the first token whose CDF exceeds u (searchsorted's right=True)")
 
 
 def test_on_mps_a_drawn_token_of_probability_zero_is_drawn_again(monkeypatch):
@@ -2490,7 +2547,8 @@ def test_asymmetric_clip_reference_value():
                  for a, b, m in zip(logp, old, mask) if m]
         per_sequence.append(sum(terms) / len(terms))
     expected = sum(per_sequence) / 2
-    assert loss.item() == pytest.approx(expected, abs=1e-6)  # float32 against float64: ~1e-7
+    assert loss.item() == pytest.approx(expected, abs=1e-6), (  # float32 against float64: ~1e-7
+        "ρ above 1 + ε_high is cut with Â > 0, below 1 - ε_low with Â < 0; then the pessimistic min")
     swapped, _ = grpo_loss(**args, beta=0.0, epsilon_low=high, epsilon_high=low, loss_type="grpo", max_completion_length=4)
     assert abs(swapped.item() - expected) > 1e-3
 
@@ -2543,7 +2601,8 @@ def test_data_order_changes_with_the_epoch_and_the_seed():
 def test_reward_to_go_sums_each_rows_rewards_from_t_on():
     rewards_ = torch.tensor([[1.0, 0.0, 2.0, -1.0], [0.0, 0.0, 0.0, 3.0]])
     expected = torch.tensor([[2.0, 1.0, 1.0, -1.0], [3.0, 3.0, 3.0, 3.0]])  # by hand
-    torch.testing.assert_close(grpo.reward_to_go(rewards_), expected)
+    close(grpo.reward_to_go(rewards_), expected, "reward-to-go: at t, the sum of each row's rewards at t and after "
+          "(what token t can still change), never those before it")
 
 
 def test_process_advantages_reference_values():
@@ -2558,8 +2617,9 @@ def test_process_advantages_reference_values():
     expected = torch.tensor([[r1 + r0 + r15, r1 + r0 + r15, r0 + r15, r0 + r15, r15, r15],
                              [r0, r0, r0, r0, r0, 0.0],
                              [0.0] * 6, [0.0] * 6])
-    torch.testing.assert_close(advantages, expected, atol=1e-5, rtol=0)  # literals of 6 decimals
-    assert advantages[2:].eq(0).all()  # exactly: equal rewards teach nothing
+    close(advantages, expected, "r̃ = (r - mean(R)) / (std(R) + eps) over all the steps of the group, the sample "
+          "std; Â_it = Σ r̃ of the steps of completion i ending at t or after (0 after its last)", atol=1e-5, rtol=0)
+    assert advantages[2:].eq(0).all(), "a group whose step rewards are all equal must give exactly 0"
 
 
 def test_process_advantages_without_steps_are_the_outcome_advantages():
@@ -2570,8 +2630,9 @@ def test_process_advantages_without_steps_are_the_outcome_advantages():
     advantages = grpo.process_advantages(steps, group_size=4, length=5)
     outcome = group_advantages(rewards_, 4)
     for i, n in enumerate(lengths):
-        torch.testing.assert_close(advantages[i, :n], outcome[i].expand(n))
-        assert advantages[i, n:].eq(0).all()
+        close(advantages[i, :n], outcome[i].expand(n), "with one step per reply, its answer at its last token, Â "
+              "must be the outcome advantage on each of its tokens")
+        assert advantages[i, n:].eq(0).all(), "after a reply's last step (its last token) Â is 0"
 
 
 def byte_level_tokenizer(text: str):
@@ -2646,7 +2707,8 @@ def test_batch_std_divides_by_the_whole_batchs_std():
     """TRL's scale_rewards="batch": each group's mean subtracted, the batch's sample std (0.534522) divided by."""
     advantages = group_advantages(torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 1.0]), 4, std="batch")
     expected = [1.402859, -0.467620, -0.467620, -0.467620, 0.467620, 0.467620, -1.402859, 0.467620]
-    torch.testing.assert_close(advantages, torch.tensor(expected), atol=1e-5, rtol=0)  # literals of 6 decimals
+    close(advantages, torch.tensor(expected), 'std="batch": each group\'s own mean subtracted, divided by the '
+          "sample std of the whole batch's rewards", atol=1e-5, rtol=0)  # literals of 6 decimals
 
 
 def test_per_token_advantages_equal_to_each_completions_one_give_the_same_loss_and_gradient():
@@ -2656,8 +2718,9 @@ def test_per_token_advantages_equal_to_each_completions_one_give_the_same_loss_a
     one, _ = grpo_loss(logp, *args, TWO_COMPLETIONS["advantages"], TWO_COMPLETIONS["mask"], **settings)
     per_token = TWO_COMPLETIONS["advantages"][:, None].expand(2, 4)
     each, _ = grpo_loss(logp, *args, per_token, TWO_COMPLETIONS["mask"], **settings)
-    assert one.item() == each.item()
-    assert torch.equal(*(torch.autograd.grad(x, logp)[0] for x in (one, each)))
+    why = "Â per token ([B, T]) equal to each completion's Â ([B]) must give the same loss and gradient"
+    assert one.item() == each.item(), why
+    assert torch.equal(*(torch.autograd.grad(x, logp)[0] for x in (one, each))), why
 
 
 def test_k1_to_go_puts_the_kl_to_go_in_the_advantage_not_in_the_loss():
@@ -2669,9 +2732,11 @@ def test_k1_to_go_puts_the_kl_to_go_in_the_advantage_not_in_the_loss():
                                    beta=beta, kl_estimator="k1_to_go", **settings)
     advantages = TWO_COMPLETIONS["advantages"][:, None] - beta * grpo.reward_to_go((old - ref) * mask)
     by_hand, _ = grpo_loss(TWO_COMPLETIONS["logp"], old, ref, advantages, mask, beta=0.0, **settings)
-    assert to_go.item() == pytest.approx(by_hand.item(), abs=1e-6)  # float32 of the same sums
+    assert to_go.item() == pytest.approx(by_hand.item(), abs=1e-6), (  # float32 of the same sums
+        "k1_to_go: Â_t - β Σ_{t' >= t} k1_t' with k1 of the sample, old_logp - ref_logp (reward_to_go), and no KL "
+        "term in the loss")
     k1 = ((TWO_COMPLETIONS["logp"] - ref) * mask).sum() / mask.sum()
-    assert diagnostics["kl"] == pytest.approx(k1.item(), abs=1e-6)
+    assert diagnostics["kl"] == pytest.approx(k1.item(), abs=1e-6), "k1_to_go reports k1's token mean as the KL"
 
 
 def test_mini_batches_take_an_optimizer_step_each_on_their_part_of_the_batch(tiny_model_dir, tmp_path,
@@ -2746,12 +2811,105 @@ def test_process_advantages_normalize_each_group_apart_and_sum_steps_ending_toge
     one = [[(0, 1.0), (2, 0.0)], [(1, 0.5), (1, 1.0)]]  # the second reply's two steps end at token 1
     two = [[(2, 3.0)], [(0, 0.0), (2, 1.0)]]
     both = grpo.process_advantages(one + two, group_size=2, length=3)
-    torch.testing.assert_close(both, torch.cat([grpo.process_advantages(one, 2, 3), grpo.process_advantages(two, 2, 3)]))
+    close(both, torch.cat([grpo.process_advantages(one, 2, 3), grpo.process_advantages(two, 2, 3)]),
+          "each group's steps are normalized by its own mean and std: another group must not change them")
     R = torch.tensor([1.0, 0.0, 0.5, 1.0])
     summed = ((0.5 - R.mean()) + (1.0 - R.mean())) / (R.std() + 1e-4)
-    torch.testing.assert_close(both[1, :2], summed.expand(2))
-    assert both[1, 2] == 0
+    close(both[1, :2], summed.expand(2), "two steps that end at the same token both count")
+    assert both[1, 2] == 0, "after a reply's last step Â is 0"
     for steps, size in (([[(1, 1.0)]], 1), ([[], []], 2), ([[(0, 0.45)], [(1, 0.45), (2, 0.45)]], 2)):
-        assert grpo.process_advantages(steps, size, 3).eq(0).all(), steps
+        assert grpo.process_advantages(steps, size, 3).eq(0).all(), (
+            f"a group of one step, of none, or of equal rewards must give exactly 0: it teaches nothing ({steps})")
     two_values = grpo.process_advantages([[(0, 1.0)], [(0, 0.0)]], 2, 1)  # two distinct rewards are enough
-    torch.testing.assert_close(two_values, torch.tensor([[0.707007], [-0.707007]]), atol=1e-5, rtol=0)  # ±0.5 / 0.7072
+    close(two_values, torch.tensor([[0.707007], [-0.707007]]), "two distinct step rewards in a group are enough",
+          atol=1e-5, rtol=0)  # ±0.5 / 0.7072
+
+
+# ---------------------------------------------------------------------------------------------
+# exercises/: a learner writes Part 1 and checks it with the tests above (exercises/README.md)
+
+EXERCISES_DIR = HERE / "exercises"
+
+
+def exercise_module(name: str):
+    """exercises/check.py or train.py or part1.py, imported as a learner's command imports it."""
+    if str(EXERCISES_DIR) not in sys.path:
+        sys.path.insert(0, str(EXERCISES_DIR))
+    return importlib.import_module(name)
+
+
+def test_the_exercise_file_holds_grpos_signatures_and_formulas_and_no_code():
+    """No second copy of the algorithm: each stub has grpo.py's signature, its docstring opens with grpo.py's (the
+    formula), and its body only raises NotImplementedError; the stubs come in the order of one step."""
+    check, train, part1 = (exercise_module(name) for name in ("check", "train", "part1"))
+    defined = [name for name, value in vars(part1).items() if inspect.isfunction(value) and value.__module__ == "part1"]
+    assert defined == check.PART1
+    for name in check.PART1:
+        stub, solution = getattr(part1, name), getattr(grpo, name)
+        assert inspect.signature(stub) == inspect.signature(solution), name
+        assert inspect.getdoc(stub).startswith(inspect.getdoc(solution)), f"{name}: its docstring must open with grpo.py's"
+        assert train.is_stub(stub), name
+    assert not train.is_stub(grpo.grpo_loss)
+
+
+def test_the_exercise_tests_pass_on_grpo_fail_on_the_stubs_and_catch_each_catalogued_mistake(tmp_path):
+    """In one run of exercises/check.py --mistakes: every exercise test passes on grpo.py; on the untouched stubs
+    each fails, with NotImplementedError (not a crash elsewhere); each mistake of exercises/mistakes.py (two or
+    more per exercise) fails a test of its exercise whose message names it."""
+    report_path = tmp_path / "report.json"
+    done = subprocess.run([sys.executable, str(EXERCISES_DIR / "check.py"), "--mistakes", "--json", str(report_path)],
+                          capture_output=True, text=True, timeout=900, cwd=HERE)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(report_path.read_text())
+    check, mistakes = exercise_module("check"), exercise_module("mistakes")
+    assert report["solution"] and all(r["passed"] for r in report["solution"].values()), report["solution"]
+    for exercise, results in report["stubs"].items():
+        assert len(results) >= len(check.EXERCISES[exercise][1]), exercise
+        assert all(r["error"] == "NotImplementedError" for r in results.values()), (exercise, results)
+    per_exercise = {e: [m for m in mistakes.MISTAKES if m.exercise == e] for e in check.EXERCISES}
+    assert all(len(m) >= 2 for m in per_exercise.values()), per_exercise
+    for mistake in mistakes.MISTAKES:
+        assert report["mistakes"][mistake.name]["caught_by"], (mistake.name, report["mistakes"][mistake.name])
+
+
+def test_training_with_a_learners_functions_runs_them_and_gives_grpos_run(tiny_model_dir, tmp_path):
+    """exercises/train.py with a learner's file whose functions are grpo.py's (each logging its calls): every one
+    is called, and the run's metrics are grpo.py's own, number for number. Untouched stubs: refused at once."""
+    names = exercise_module("check").PART1
+    calls = tmp_path / "calls.txt"
+    (tmp_path / "mine.py").write_text("\n".join([
+        "import grpo", f"SOLUTION = {{name: getattr(grpo, name) for name in {names!r}}}",
+        "def logged(name):", "    def function(*args, **kwargs):",
+        f"        open({str(calls)!r}, 'a').write(name + '\\n')", "        return SOLUTION[name](*args, **kwargs)",
+        "    return function", *(f"{name} = logged({name!r})" for name in names)]))
+    flags = ["--model", str(tiny_model_dir), "--dataset", "arithmetic", "--prompts-per-step", "2", "--num-generations",
+             "4", "--max-completion-length", "8", "--max-steps", "2", "--eval-size", "0", "--save-every", "0",
+             "--device", "cpu", "--mu", "2", "--supervision", "process"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    theirs = run_cli(*flags, "--output-dir", str(tmp_path / "grpo"))
+    mine = subprocess.run([sys.executable, str(EXERCISES_DIR / "train.py"), "--file", str(tmp_path / "mine.py"),
+                           *flags, "--output-dir", str(tmp_path / "mine")], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert theirs.returncode == 0 and mine.returncode == 0, theirs.stderr + mine.stderr
+    assert set(calls.read_text().split()) == set(names)
+    untimed = [[{k: v for k, v in m.items() if not k.startswith(("time/", "memory/"))}
+                for m in grpo.read_jsonl(tmp_path / run / "metrics.jsonl")] for run in ("grpo", "mine")]
+    assert untimed[0] == untimed[1] and len(untimed[0]) == 2
+    stubs = subprocess.run([sys.executable, str(EXERCISES_DIR / "train.py"), *flags], env=env, capture_output=True,
+                           text=True, timeout=120)
+    assert stubs.returncode == 2 and f"{', '.join(names)} not written yet" in stubs.stderr, stubs.stderr
+
+
+def test_each_question_of_the_exercises_has_an_answer_that_names_the_tests_that_check_it():
+    section = (EXERCISES_DIR / "README.md").read_text().split("## Questions without code")[1]
+    questions = re.findall(r"^(\d)\. ", section, re.M)
+    answers = re.split(r"^## (?=\d\. )", (EXERCISES_DIR / "answers.md").read_text(), flags=re.M)[1:]
+    assert 3 <= len(answers) == len(questions) <= 5 and [a[0] for a in answers] == questions
+    defined = set(re.findall(r"^def (test_\w+)", Path(__file__).read_text(), re.M))
+    facts = {"1": "-Â_i / (|o_i| B)", "2": dict(((k, o), w) for k, o, w in KL_GRADIENT_TABLE)[("k3", True)],
+             "3": "exactly 0", "4": "ρ = 1 exactly", "5": "an action the policy took"}  # what the tests assert
+    for answer in answers:
+        short = re.search(r"\*\*Short answer:\*\* (.+)", answer).group(1)
+        assert facts[answer[0]] in short, (answer[0], short)
+        named = re.findall(r"`(test_\w+)`", answer.split("Checked by")[1])
+        assert named and set(named) <= defined, (answer[0], named)
