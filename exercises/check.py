@@ -21,37 +21,37 @@ import pytest  # noqa: E402
 import grpo  # noqa: E402
 from mistakes import MISTAKES  # noqa: E402
 
-# Each exercise, in the order of one GRPO step: the functions you write, the tests that check them.
+# Each exercise, in the order of one GRPO step: the function you write, the tests that check it.
 EXERCISES = {
-    "sample_tokens": (["sample_tokens"], [
+    "sample_tokens": [
         "test_sampling_draws_from_softmax_of_the_logits_over_the_temperature[1.0-0.5-cpu]",
         "test_sampling_draws_from_softmax_of_the_logits_over_the_temperature[0.5-1.0-cpu]",
         "test_greedy_decoding_over_the_shared_prompt_cache_equals_plain_generate",
         "test_the_uniform_number_keeps_float64_resolution",
-        "test_a_uniform_number_of_zero_never_draws_a_token_of_probability_zero"]),
-    "completion_mask": (["completion_mask"], [
+        "test_a_uniform_number_of_zero_never_draws_a_token_of_probability_zero"],
+    "completion_mask": [
         "test_completion_mask",
-        "test_sampling_and_the_mask_make_their_tensors_on_their_inputs_device"]),
-    "group_advantages": (["group_advantages"], [
+        "test_sampling_and_the_mask_make_their_tensors_on_their_inputs_device"],
+    "group_advantages": [
         "test_group_advantages_reference_values",
         "test_group_advantages_are_exactly_zero_for_equal_rewards_and_per_group",
-        "test_batch_std_divides_by_the_whole_batchs_std"]),
-    "reward_to_go": (["reward_to_go"], [
-        "test_reward_to_go_sums_each_rows_rewards_from_t_on"]),
-    "process_advantages": (["process_advantages"], [
+        "test_batch_std_divides_by_the_whole_batchs_std"],
+    "reward_to_go": [
+        "test_reward_to_go_sums_each_rows_rewards_from_t_on"],
+    "process_advantages": [
         "test_process_advantages_reference_values",
         "test_process_advantages_without_steps_are_the_outcome_advantages",
-        "test_process_advantages_normalize_each_group_apart_and_sum_steps_ending_together"]),
-    "per_token_logps": (["per_token_logps"], [
+        "test_process_advantages_normalize_each_group_apart_and_sum_steps_ending_together"],
+    "per_token_logps": [
         "test_per_token_logps_equals_plain_log_softmax[1024-1.0-False]",
         "test_per_token_logps_equals_plain_log_softmax[5-0.7-False]",
         "test_left_padding_does_not_change_logps",
-        "test_log_probs_keep_no_vocabulary_sized_tensor_for_the_backward_pass"]),
-    "kl_estimate": (["kl_estimate"], [
+        "test_log_probs_keep_no_vocabulary_sized_tensor_for_the_backward_pass"],
+    "kl_estimate": [
         "test_kl_estimators_reference_values",
         "test_k3_ratio_is_k3_times_the_ratio_and_k1_is_refused",
-        "test_which_kl_gradient_each_estimator_gives_as_a_loss"]),
-    "grpo_loss": (["grpo_loss"], [
+        "test_which_kl_gradient_each_estimator_gives_as_a_loss"],
+    "grpo_loss": [
         "test_grpo_loss_reference_values",
         "test_asymmetric_clip_reference_value",
         "test_grpo_gradient_with_ratio_one_is_minus_advantage_over_length",
@@ -60,37 +60,35 @@ EXERCISES = {
         "test_without_reference_log_probs_the_loss_has_no_kl_term",
         "test_gradient_does_not_depend_on_micro_batch_size",
         "test_per_token_advantages_equal_to_each_completions_one_give_the_same_loss_and_gradient",
-        "test_k1_to_go_puts_the_kl_to_go_in_the_advantage_not_in_the_loss"]),
+        "test_k1_to_go_puts_the_kl_to_go_in_the_advantage_not_in_the_loss"],
 }
-PART1 = [name for functions, _ in EXERCISES.values() for name in functions]
+PART1 = list(EXERCISES)
 
 
 def learner_functions(path: Path, exercises: list[str]) -> dict:
-    """The functions of `exercises` from the file at `path`. Its other Part 1 functions become
-    grpo.py's, so that (say) your grpo_loss is checked with grpo.py's kl_estimate until you check
-    both together. grpo.py itself gives its own functions."""
-    chosen = [name for e in exercises for name in EXERCISES[e][0]]
+    """{name: function} of `exercises` (each the function of its name) from the file at `path`.
+    Its other Part 1 functions become grpo.py's, so that (say) your grpo_loss is checked with
+    grpo.py's kl_estimate until you check both together. grpo.py gives its own functions."""
     if path.resolve() == Path(grpo.__file__).resolve():
-        return {name: getattr(grpo, name) for name in chosen}
+        return {name: getattr(grpo, name) for name in exercises}
     spec = importlib.util.spec_from_file_location("learner_part1", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    for name in PART1:
-        if name not in chosen:
-            setattr(module, name, getattr(grpo, name))
-    return {name: getattr(module, name) for name in chosen}
+    for name in set(PART1) - set(exercises):
+        setattr(module, name, getattr(grpo, name))
+    return {name: getattr(module, name) for name in exercises}
 
 
 def with_mistake(mistake) -> dict:
     """grpo.py's function with one line of it changed as the mistake says: {name: function}."""
-    source = inspect.getsource(getattr(grpo, mistake.function))
+    source = inspect.getsource(getattr(grpo, mistake.exercise))
     if source.count(mistake.right) != 1:
         raise ValueError(f"mistake {mistake.name!r}: {mistake.right!r} is not once in grpo.py's "
-                         f"{mistake.function}; update exercises/mistakes.py")
+                         f"{mistake.exercise}; update exercises/mistakes.py")
     namespace = dict(vars(grpo))  # grpo.py's globals: the other functions stay the right ones
     exec(compile(source.replace(mistake.right, mistake.wrong), f"<mistake {mistake.name}>", "exec"),
          namespace)
-    return {mistake.function: namespace[mistake.function]}
+    return {mistake.exercise: namespace[mistake.exercise]}
 
 
 class Swap:
@@ -123,7 +121,7 @@ class Swap:
 def run(exercises: list[str], functions: dict, quiet: bool = False) -> dict:
     """Run the tests of `exercises` with `functions` in grpo.py's place: {test: outcome}."""
     swap = Swap(functions)
-    tests = [f"{ROOT / 'test_grpo.py'}::{test}" for e in exercises for test in EXERCISES[e][1]]
+    tests = [f"{ROOT / 'test_grpo.py'}::{test}" for e in exercises for test in EXERCISES[e]]
     with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
         flags = ["-q", "--tb=short", "--rootdir", str(ROOT), "-p", "no:cacheprovider",
                  "-W", "ignore::pytest.PytestAssertRewriteWarning"]  # (grpo was imported first)
@@ -178,7 +176,7 @@ def main(argv=None) -> int:
     print()
     for exercise in exercises:
         outcomes = [r for test, r in results.items() if test.split("[")[0] in
-                    {t.split("[")[0] for t in EXERCISES[exercise][1]}]
+                    {t.split("[")[0] for t in EXERCISES[exercise]}]
         failed = [r for r in outcomes if not r["passed"]]
         todo = any(r["error"] == "NotImplementedError" for r in failed)
         state = ("not written yet" if todo else f"{len(failed)} of {len(outcomes)} tests fail"

@@ -11,15 +11,11 @@ from dataclasses import dataclass
 @dataclass
 class Mistake:
     name: str
-    exercise: str
+    exercise: str  # and the function of grpo.py it changes
     what: str  # the mistake, as a learner would describe what they wrote
     right: str  # a piece of grpo.py's function...
     wrong: str  # ...and what the learner wrote instead
     says: str  # words of the failure message that must point at it
-
-    @property
-    def function(self) -> str:
-        return self.exercise
 
 
 MISTAKES = [
