@@ -8,9 +8,6 @@ the replies. grpo.py knows the task only through this file; to train on your own
                      built-in task, which needs no download: `arithmetic` (a + b) or
                      `arithmetic3` (a + b - c, two steps, for process supervision)
   rows_for_step      the questions of one training step
-  check_sources      --model and --dataset: paths that exist, or Hub ids (offline: the cache)
-  load_tokenizer     the model's tokenizer, its chat template checked against the prompt
-  quiet_libraries    no per-file progress bars from transformers and datasets while loading
 
 The rewards are rules a program checks, as DeepSeek-R1's were (DeepSeekMath's RL scored with a
 learned reward model). Each is a function `(completions, answers) -> list[float]`, one per reply:
@@ -38,6 +35,8 @@ import re
 from fractions import Fraction
 from pathlib import Path
 
+from machinery.flags import ConfigError
+
 # The four tags the system prompt asks for, named once.
 REASONING_START, REASONING_END = "<reasoning>", "</reasoning>"
 ANSWER_START, ANSWER_END = "<answer>", "</answer>"
@@ -56,59 +55,37 @@ SYSTEM_PROMPT = (
 # 1-4 of 64 with a word problem in its place, 0 of 64 without one (sums up to 49 + 49, T = 1).
 EXAMPLE_TURN = [
     {"role": "user", "content": "What is 14 + 7?"},
-    {"role": "assistant", "content": f"{REASONING_START}\n14 + 7 = 21\n{REASONING_END}\n"
-                                     f"{ANSWER_START}\n21\n{ANSWER_END}"}]
+    {
+        "role": "assistant",
+        "content": f"{REASONING_START}\n14 + 7 = 21\n{REASONING_END}\n"
+        f"{ANSWER_START}\n21\n{ANSWER_END}",
+    },
+]
 
 
 # The worked example of the built-in task of three terms (`arithmetic3`): one equation per step,
 # each a step that process supervision can check (reasoning_steps).
 EXAMPLE_TURN_STEPS = [
     {"role": "user", "content": "What is 14 + 7 - 5?"},
-    {"role": "assistant", "content": f"{REASONING_START}\n14 + 7 = 21\n21 - 5 = 16\n"
-                                     f"{REASONING_END}\n{ANSWER_START}\n16\n{ANSWER_END}"}]
+    {
+        "role": "assistant",
+        "content": f"{REASONING_START}\n14 + 7 = 21\n21 - 5 = 16\n"
+        f"{REASONING_END}\n{ANSWER_START}\n16\n{ANSWER_END}",
+    },
+]
 
 
-def make_prompt(question: str, example_turn: bool = True,
-                example: list[dict] = EXAMPLE_TURN) -> list[dict]:
+def make_prompt(
+    question: str, example_turn: bool = True, example: list[dict] = EXAMPLE_TURN
+) -> list[dict]:
     """Chat messages for one question, after the worked example unless `example_turn` is off;
     the tokenizer's chat template turns them into text."""
     example = example if example_turn else []
-    return [{"role": "system", "content": SYSTEM_PROMPT}, *example,
-            {"role": "user", "content": question}]
-
-
-def check_chat_template(tokenizer, model_name: str) -> None:
-    """The model's chat template must format a system prompt and a question (Gemma's refuses a
-    system message; some models have no template): found out when the model loads, not mid-run."""
-    try:
-        tokenizer.apply_chat_template(make_prompt("What is 1 + 1?"), tokenize=False,
-                                      add_generation_prompt=True)
-    except Exception as error:
-        raise ConfigError(f"--model {model_name!r}: its chat template cannot format a system "
-                          f"prompt and a question ({error}). Use another chat model.") from None
-
-
-def quiet_libraries() -> None:
-    """One progress bar, the trainer's: no per-file bars from transformers and datasets, and no
-    notice of an attribute that transformers 5 deprecates and peft still reads."""
-    import warnings
-    import datasets, transformers  # noqa: E401
-    transformers.utils.logging.disable_progress_bar()
-    datasets.disable_progress_bars()
-    warnings.filterwarnings("ignore", "`is_gradient_checkpointing`", FutureWarning)
-
-
-def load_tokenizer(name: str, trust_remote_code: bool = False):
-    """The model's tokenizer; its chat template must fit the task's prompt. No pad token: EOS's."""
-    from transformers import AutoTokenizer
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as error:
-        raise ConfigError(f"--model {name!r} cannot be loaded ({error}). Pass a Hub id or a "
-                          "local folder with config.json, weights and tokenizer.") from None
-    check_chat_template(tokenizer, name)
-    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
-    return tokenizer
+    return [
+        {"role": "system", "content": SYSTEM_PROMPT},
+        *example,
+        {"role": "user", "content": question},
+    ]
 
 
 # Partial format credit for each tag that appears exactly once (4 tags -> at most 0.5),
@@ -118,9 +95,11 @@ TAG_CREDIT = 0.125
 # A number as a reader reads it: "1,000" (commas only in groups of three), "-3" and "−3"
 # (Unicode minus), "18.00", ".5", "1.5e3", "3/4". A dash after a word or a number is not a
 # sign: "pages 5-10" ends in 10, not -10. Group 1 is the sign, 2 the value, 3 a denominator.
-NUMBER = re.compile(r"(?:(?<![\w).,])([-\u2212]))?(?<![\d.,])"
-                    r"(\d(?:[\d,]*\d)?(?:\.\d+)?(?:[eE][-+\u2212]?\d+)?|\.\d+)"
-                    r"(?:/(\d+(?:\.\d+)?))?")
+NUMBER = re.compile(
+    r"(?:(?<![\w).,])([-\u2212]))?(?<![\d.,])"
+    r"(\d(?:[\d,]*\d)?(?:\.\d+)?(?:[eE][-+\u2212]?\d+)?|\.\d+)"
+    r"(?:/(\d+(?:\.\d+)?))?"
+)
 THOUSANDS = re.compile(r"\d{1,3}(,\d{3})*")
 # The characters a number is written with, and the longest number worth reading.
 NUMBER_CHARS, MAX_NUMBER_LENGTH = re.compile(r"[\d,.eE+\-\u2212/]*"), 100
@@ -135,7 +114,7 @@ def parse_number(text: str) -> float | None:
     end = 1 + max(text.rfind(digit) for digit in "0123456789")
     if end == 0:
         return None
-    run = len(NUMBER_CHARS.match(text[end - 1::-1]).group())  # number characters before `end`
+    run = len(NUMBER_CHARS.match(text[end - 1 :: -1]).group())  # number characters before `end`
     last = None
     for last in NUMBER.finditer(text, end - min(run, MAX_NUMBER_LENGTH), end):
         pass
@@ -162,7 +141,7 @@ def extract_answer(completion: str) -> str:
     """
     end = completion.rfind(ANSWER_END)
     start = completion.rfind(ANSWER_START, 0, max(end, 0))
-    return completion[start + len(ANSWER_START):end] if end >= 0 and start >= 0 else completion
+    return completion[start + len(ANSWER_START) : end] if end >= 0 and start >= 0 else completion
 
 
 def extract_gold_answer(answer: str) -> str:
@@ -177,7 +156,7 @@ def is_strict_format(completion: str) -> bool:
         return False
     starts = [completion.find(tag) for tag in TAGS]
     ends = [start + len(tag) for start, tag in zip(starts, TAGS)]
-    outside = completion[:starts[0]] + completion[ends[1]:starts[2]] + completion[ends[3]:]
+    outside = completion[: starts[0]] + completion[ends[1] : starts[2]] + completion[ends[3] :]
     return starts == sorted(starts) and not outside.strip()
 
 
@@ -245,20 +224,29 @@ def reasoning_steps(completion: str) -> list[tuple[int, int, float]]:
 def step_token_ends(tokenizer, ids: list[int], text: str) -> list[tuple[int, float]]:
     """(token index, reward) of each step of `text` = tokenizer.decode(ids): a step's last character
     is in the first token whose prefix decodes that far (a bisection: log |ids| decodes a step)."""
-    decoded = lambda k: len(tokenizer.decode(ids[:k + 1], skip_special_tokens=True))  # noqa: E731
-    return [(bisect.bisect_left(range(len(ids)), end, key=decoded), reward)
-            for _, end, reward in reasoning_steps(text)]
+
+    def decoded(k):  # the length of the text of the first k + 1 tokens
+        return len(tokenizer.decode(ids[: k + 1], skip_special_tokens=True))
+
+    return [
+        (bisect.bisect_left(range(len(ids)), end, key=decoded), reward)
+        for _, end, reward in reasoning_steps(text)
+    ]
 
 
 def step_statistics(completions: list[str]) -> dict[str, float]:
     """Over a batch of replies: steps per reply, the fraction of steps that hold, and the fraction
     that repeat an earlier step of their reply (a sign of farming the steps' reward)."""
-    steps = [[(text[start:end].strip(), reward) for start, end, reward in reasoning_steps(text)]
-             for text in completions]
+    steps = [
+        [(text[start:end].strip(), reward) for start, end, reward in reasoning_steps(text)]
+        for text in completions
+    ]
     count = sum(map(len, steps))
-    return {"steps/per_reply": count / max(len(steps), 1),
-            "steps/hold_frac": sum(reward for s in steps for _, reward in s) / max(count, 1),
-            "steps/repeated_frac": (count - sum(len(set(s)) for s in steps)) / max(count, 1)}
+    return {
+        "steps/per_reply": count / max(len(steps), 1),
+        "steps/hold_frac": sum(reward for s in steps for _, reward in s) / max(count, 1),
+        "steps/repeated_frac": (count - sum(len(set(s)) for s in steps)) / max(count, 1),
+    }
 
 
 def equation_holds(line: str) -> bool | None:
@@ -332,10 +320,14 @@ def step_reward(completions: list[str], answers: list[str] | None = None) -> lis
     equation that holds, at most 1.0; a repeated one earns nothing more."""
     rewards = []
     for completion in completions:
-        lines = {completion[start:end].strip() for start, end, reward
-                 in reasoning_steps(completion) if reward == 1.0}
+        lines = {
+            completion[start:end].strip()
+            for start, end, reward in reasoning_steps(completion)
+            if reward == 1.0
+        }
         rewards.append(min(1.0, STEP_CREDIT * len(lines)))
     return rewards
+
 
 # name -> reward function; grpo.py weighs each by its `<name>_weight` config field.
 REWARD_FUNCTIONS = {"format": format_reward, "answer": answer_reward, "step": step_reward}
@@ -347,47 +339,31 @@ REWARD_FUNCTIONS = {"format": format_reward, "answer": answer_reward, "step": st
 BUILT_IN_TASKS = {"arithmetic": 2, "arithmetic3": 3}
 
 
-class ConfigError(ValueError):
-    """Bad input (a flag, a file, a model), found before any long work starts."""
-
-
-def load_dataset_rows(source: str, split: str, dataset_config: str = "main",
-                      arithmetic_max: int = 49, seed: int = 0,
-                      example_turn: bool = True) -> list[dict]:
+def load_dataset_rows(
+    source: str,
+    split: str,
+    dataset_config: str = "main",
+    arithmetic_max: int = 49,
+    seed: int = 0,
+    example_turn: bool = True,
+) -> list[dict]:
     """Rows {question, prompt, answer} of a built-in task (BUILT_IN_TASKS), a JSON-lines file, a
     folder of them, or a Hub dataset; GSM8K's keys: "question" and "answer" (after '####')."""
     if source in BUILT_IN_TASKS:
-        raw = arithmetic_problems(arithmetic_max, seed, held_out=split != "train",
-                                  terms=BUILT_IN_TASKS[source])
+        raw = arithmetic_problems(
+            arithmetic_max, seed, held_out=split != "train", terms=BUILT_IN_TASKS[source]
+        )
     else:
         raw = load_question_answer_rows(source, split, dataset_config)
     example = EXAMPLE_TURN_STEPS if BUILT_IN_TASKS.get(source) == 3 else EXAMPLE_TURN
-    return [{"question": r["question"], "prompt": make_prompt(r["question"], example_turn, example),
-             "answer": extract_gold_answer(r["answer"])} for r in raw]
-
-
-def check_sources(model: str, dataset: str) -> None:
-    """Where the model and the data come from: a path that exists, a built-in task, or a Hub id
-    ("name" or "owner/name", not .jsonl); anything else is a path that does not exist. When a Hub
-    id is needed, one quick look at the Hub: unreachable, the cache only (as HF_HUB_OFFLINE=1)."""
-    from_hub = []
-    for name, source, what in (("model", model, "model folder"),
-                               ("dataset", dataset, "data file or folder")):
-        looks_local = not re.fullmatch(r"(?!.*\.jsonl?$)\w[\w.-]*(/[\w.-]+)?", source)
-        exists = Path(source).expanduser().exists()
-        if looks_local and not exists:
-            raise ConfigError(f"--{name} {source!r}: no such {what}. Check the path, or pass a "
-                              "Hub id.")
-        from_hub += [] if exists or source in BUILT_IN_TASKS else [f"--{name} {source}"]
-    import datasets, huggingface_hub, socket, urllib.parse  # noqa: E401
-    if from_hub and not huggingface_hub.constants.HF_HUB_OFFLINE:
-        host = urllib.parse.urlsplit(huggingface_hub.constants.ENDPOINT).hostname
-        try:
-            socket.create_connection((host, 443), timeout=3).close()
-        except OSError:  # without it, the cache at once
-            huggingface_hub.constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
-            print(f"note: {host} cannot be reached: {', '.join(from_hub)} from the cache only. "
-                  "Without the Hub: --model ./folder, --dataset arithmetic or a JSON-lines file.")
+    return [
+        {
+            "question": r["question"],
+            "prompt": make_prompt(r["question"], example_turn, example),
+            "answer": extract_gold_answer(r["answer"]),
+        }
+        for r in raw
+    ]
 
 
 def rows_for_step(rows: list[dict], step: int, prompts_per_step: int, seed: int) -> list[dict]:
@@ -401,8 +377,9 @@ def rows_for_step(rows: list[dict], step: int, prompts_per_step: int, seed: int)
     return picked
 
 
-def arithmetic_problems(largest: int, seed: int, held_out: bool = False,
-                        terms: int = 2) -> list[dict]:
+def arithmetic_problems(
+    largest: int, seed: int, held_out: bool = False, terms: int = 2
+) -> list[dict]:
     """Every "What is a + b?" with a and b from 0 to `largest`, in a seeded order; the pairs
     with (a + 2b) % 5 == 0 (a fifth of them) are held out: evaluated, never trained on.
     terms=3: every "What is a + b - c?" with c at most a + b (two steps: a sum, a difference);
@@ -412,11 +389,17 @@ def arithmetic_problems(largest: int, seed: int, held_out: bool = False,
         pairs = [(a, b) for a in numbers for b in numbers if ((a + 2 * b) % 5 == 0) == held_out]
         random.Random(seed).shuffle(pairs)
         return [{"question": f"What is {a} + {b}?", "answer": str(a + b)} for a, b in pairs]
-    triples = [(a, b, c) for a in numbers for b in numbers for c in numbers
-               if c <= a + b and ((a + 2 * b + 3 * c) % 5 == 0) == held_out]
+    triples = [
+        (a, b, c)
+        for a in numbers
+        for b in numbers
+        for c in numbers
+        if c <= a + b and ((a + 2 * b + 3 * c) % 5 == 0) == held_out
+    ]
     random.Random(seed).shuffle(triples)
-    return [{"question": f"What is {a} + {b} - {c}?", "answer": str(a + b - c)}
-            for a, b, c in triples]
+    return [
+        {"question": f"What is {a} + {b} - {c}?", "answer": str(a + b - c)} for a, b, c in triples
+    ]
 
 
 def load_question_answer_rows(source: str, split: str, dataset_config: str = "main"):
@@ -431,20 +414,26 @@ def load_question_answer_rows(source: str, split: str, dataset_config: str = "ma
     if path.is_dir():
         path = path / f"{split}.jsonl"
         if not path.exists():
-            raise ConfigError(f"--dataset folder {source!r} has no {split}.jsonl; it needs "
-                              "train.jsonl and test.jsonl.")
+            raise ConfigError(
+                f"--dataset folder {source!r} has no {split}.jsonl; it needs "
+                "train.jsonl and test.jsonl."
+            )
     if path.is_file():
         return read_question_answer_lines(path)
     try:
         raw = load_dataset(source, dataset_config, split=split)
     except (OSError, ValueError, DatasetsError) as error:
-        raise ConfigError(f"--dataset {source!r} cannot be loaded ({error}). Check the id, "
-                          "--dataset-config and the network; without the Hub: --dataset "
-                          "arithmetic or a local JSON-lines file.") from None
+        raise ConfigError(
+            f"--dataset {source!r} cannot be loaded ({error}). Check the id, "
+            "--dataset-config and the network; without the Hub: --dataset "
+            "arithmetic or a local JSON-lines file."
+        ) from None
     missing = {"question", "answer"} - set(raw.column_names)
     if missing:
-        raise ConfigError(f"--dataset {source!r} lacks the key(s) {sorted(missing)}; each row "
-                          "needs 'question' and 'answer'.")
+        raise ConfigError(
+            f"--dataset {source!r} lacks the key(s) {sorted(missing)}; each row "
+            "needs 'question' and 'answer'."
+        )
     return raw
 
 
@@ -458,15 +447,20 @@ def read_question_answer_lines(path: Path) -> list[dict]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as error:
-            raise ConfigError(f"--dataset file {str(path)!r}, line {number}, is not JSON "
-                              f"({error}); write one JSON object per line, with 'question' "
-                              "and 'answer'.") from None
+            raise ConfigError(
+                f"--dataset file {str(path)!r}, line {number}, is not JSON "
+                f"({error}); write one JSON object per line, with 'question' "
+                "and 'answer'."
+            ) from None
         missing = {"question", "answer"} - set(row if isinstance(row, dict) else ())
         if missing:
-            raise ConfigError(f"--dataset file {str(path)!r}, line {number}, lacks the key(s) "
-                              f"{sorted(missing)}; each row needs 'question' and 'answer'.")
+            raise ConfigError(
+                f"--dataset file {str(path)!r}, line {number}, lacks the key(s) "
+                f"{sorted(missing)}; each row needs 'question' and 'answer'."
+            )
         rows.append(row)
     if not rows:
-        raise ConfigError(f"--dataset file {str(path)!r} is empty; it needs rows with "
-                          "'question' and 'answer'.")
+        raise ConfigError(
+            f"--dataset file {str(path)!r} is empty; it needs rows with 'question' and 'answer'."
+        )
     return rows

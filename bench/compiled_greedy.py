@@ -21,19 +21,31 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import grpo  # noqa: E402
 import rewards  # noqa: E402
+from machinery import devices, loading  # noqa: E402
 
 
 def compare(model, tokenizer, prompts, tokens: int) -> dict:
     """Greedy tokens eager and compiled; where they part, the eager logits' top-two gap."""
-    eager, compiled = (grpo.generate_completions(model, tokenizer, prompts, 1, tokens, 0.0,
-                                                 compiled=flag).completion_ids for flag in (False, True))
+    eager, compiled = (
+        grpo.generate_completions(
+            model, tokenizer, prompts, 1, tokens, 0.0, compiled=flag
+        ).completion_ids
+        for flag in (False, True)
+    )
     length = min(eager.shape[1], compiled.shape[1])
-    differ = (eager[:, :length] != compiled[:, :length]).any(dim=1) | (eager.shape[1] != compiled.shape[1])
+    differ = (eager[:, :length] != compiled[:, :length]).any(dim=1) | (
+        eager.shape[1] != compiled.shape[1]
+    )
     gaps = []
     for row in differ.nonzero().flatten().tolist():
         t = int((eager[row, :length] != compiled[row, :length]).int().argmax())
-        ids = torch.cat([grpo.generate_completions(model, tokenizer, [prompts[row]], 1, 1, 0.0).prompt_ids,
-                         eager[row:row + 1, :t]], dim=1)
+        ids = torch.cat(
+            [
+                grpo.generate_completions(model, tokenizer, [prompts[row]], 1, 1, 0.0).prompt_ids,
+                eager[row : row + 1, :t],
+            ],
+            dim=1,
+        )
         with torch.no_grad():
             top = model(input_ids=ids).logits[0, -1].float().topk(2).values
         gaps.append({"row": row, "token": t, "gap": (top[0] - top[1]).item()})
@@ -47,10 +59,12 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--json")
     args = parser.parse_args()
-    device = grpo.pick_device("auto")
-    tokenizer = grpo.load_tokenizer(args.model)
-    model = grpo.load_model(args.model, device).eval()  # fp32
-    questions = [row["question"] for row in rewards.load_dataset_rows("arithmetic", "test")[:args.rows]]
+    device = devices.pick_device("auto")
+    tokenizer = loading.load_tokenizer(args.model)
+    model = loading.load_model(args.model, device).eval()  # fp32
+    questions = [
+        row["question"] for row in rewards.load_dataset_rows("arithmetic", "test")[: args.rows]
+    ]
     prompts = [rewards.make_prompt(q) for q in questions]
     result = {"device": str(device), "before": compare(model, tokenizer, prompts, args.tokens)}
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)

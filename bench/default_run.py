@@ -26,34 +26,48 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import grpo  # noqa: E402
+from machinery import devices  # noqa: E402
 
-QWEN2_5_0_5B = dict(vocab_size=151_936, hidden_size=896, intermediate_size=4864,
-                    num_hidden_layers=int(os.environ.get("RANDOM_MODEL_LAYERS", 24)),  # fewer: a dry run
-                    num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32_768,
-                    rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True)
+QWEN2_5_0_5B = dict(
+    vocab_size=151_936,
+    hidden_size=896,
+    intermediate_size=4864,
+    num_hidden_layers=int(os.environ.get("RANDOM_MODEL_LAYERS", 24)),  # fewer: a dry run
+    num_attention_heads=14,
+    num_key_value_heads=2,
+    max_position_embeddings=32_768,
+    rope_theta=1e6,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=True,
+)
 
 
 def write_random_model(folder: str, tokenizer_name: str) -> None:
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_name)
-    config = Qwen2Config(**QWEN2_5_0_5B, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
+    config = Qwen2Config(
+        **QWEN2_5_0_5B,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     torch.manual_seed(0)
     Qwen2ForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)  # bf16, as the Hub's copy
     tokenizer.save_pretrained(folder)
 
 
 def timed(times: dict, name: str, fn):
-    """fn, appending the seconds of each call to times[name] (grpo.timed: it waits for the GPU)."""
+    """fn, appending the seconds of each call to times[name] (devices.timed: it waits for the GPU)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     def wrapper(*args, **kwargs):
         seconds = {}
-        with grpo.timed(seconds, name, device):
+        with devices.timed(seconds, name, device):
             result = fn(*args, **kwargs)
         times.setdefault(name, []).append(round(seconds[name], 1))
         return result
+
     return wrapper
 
 
@@ -62,7 +76,11 @@ def main() -> None:
         sys.exit(__doc__)
     tokenizer_name, flags = sys.argv[1], sys.argv[2:]
     times = {}
-    for name in ("load_policy_and_reference", "evaluate", "save_checkpoint"):  # train() calls these by name
+    for name in (
+        "load_policy_and_reference",
+        "evaluate",
+        "save_checkpoint",
+    ):  # train() calls these by name
         setattr(grpo, name, timed(times, name, getattr(grpo, name)))
     with tempfile.TemporaryDirectory() as folder:
         write_random_model(folder, tokenizer_name)

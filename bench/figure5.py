@@ -18,11 +18,31 @@ from pathlib import Path
 
 from kl_estimators import run_all, runs_parser
 
-SETTINGS = ["--dataset", "arithmetic3", "--arithmetic-max", "9", "--prompts-per-step", "3",
-            "--max-completion-length", "64", "--learning-rate", "5e-6", "--max-steps", "25",
-            "--save-every", "0", "--eval-size", "100", "--log-samples-every", "5"]
-METHODS = {"Online RFT": ["--advantage", "online_rft"], "GRPO, outcome": [],
-           "GRPO, process": ["--supervision", "process"]}
+SETTINGS = [
+    "--dataset",
+    "arithmetic3",
+    "--arithmetic-max",
+    "9",
+    "--prompts-per-step",
+    "3",
+    "--max-completion-length",
+    "64",
+    "--learning-rate",
+    "5e-6",
+    "--max-steps",
+    "25",
+    "--save-every",
+    "0",
+    "--eval-size",
+    "100",
+    "--log-samples-every",
+    "5",
+]
+METHODS = {
+    "Online RFT": ["--advantage", "online_rft"],
+    "GRPO, outcome": [],
+    "GRPO, process": ["--supervision", "process"],
+}
 SEEDS, LAST = (0, 1), 5  # the table's "last" steps
 
 
@@ -32,7 +52,11 @@ def folder(method: str, seed: int) -> str:
 
 def runs() -> dict[str, list[str]]:
     """The six runs of the figure, then the KL option's run (seed 0): in pairs of like length."""
-    todo = {folder(m, s): [*SETTINGS, "--seed", str(s), *flags] for s in SEEDS for m, flags in METHODS.items()}
+    todo = {
+        folder(m, s): [*SETTINGS, "--seed", str(s), *flags]
+        for s in SEEDS
+        for m, flags in METHODS.items()
+    }
     todo["kl_to_go-seed0"] = [*SETTINGS, "--seed", "0", "--kl-estimator", "k1_to_go"]
     return todo
 
@@ -41,42 +65,75 @@ def summary(run_dir: Path) -> dict:
     results = json.loads((run_dir / "results.json").read_text())
     steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     last = steps[-LAST:]
+
     def mean(key):
         return statistics.mean(m[key] for m in last)
-    return {"greedy held-out accuracy, before": results["before"]["accuracy"],
-            "greedy held-out accuracy, after": results["after"]["accuracy"],
-            "greedy strict-format rate, after": results["after"]["format_rate"],
-            f"sampled accuracy, first {LAST} steps": statistics.mean(m["accuracy"] for m in steps[:LAST]),
-            f"sampled accuracy, last {LAST} steps": mean("accuracy"),
-            f"steps per reply, last {LAST} (first {LAST})": (mean("steps/per_reply"),
-                                                           statistics.mean(m["steps/per_reply"] for m in steps[:LAST])),
-            f"steps that hold, last {LAST}": mean("steps/hold_frac"),
-            f"repeated steps, last {LAST}": mean("steps/repeated_frac"),
-            f"KL per token, last {LAST}; largest": (mean("kl"), max(m["kl"] for m in steps)),
-            "accuracy": [m["accuracy"] for m in steps], "format_rate": [m["format_rate"] for m in steps]}
+
+    return {
+        "greedy held-out accuracy, before": results["before"]["accuracy"],
+        "greedy held-out accuracy, after": results["after"]["accuracy"],
+        "greedy strict-format rate, after": results["after"]["format_rate"],
+        f"sampled accuracy, first {LAST} steps": statistics.mean(
+            m["accuracy"] for m in steps[:LAST]
+        ),
+        f"sampled accuracy, last {LAST} steps": mean("accuracy"),
+        f"steps per reply, last {LAST} (first {LAST})": (
+            mean("steps/per_reply"),
+            statistics.mean(m["steps/per_reply"] for m in steps[:LAST]),
+        ),
+        f"steps that hold, last {LAST}": mean("steps/hold_frac"),
+        f"repeated steps, last {LAST}": mean("steps/repeated_frac"),
+        f"KL per token, last {LAST}; largest": (mean("kl"), max(m["kl"] for m in steps)),
+        "accuracy": [m["accuracy"] for m in steps],
+        "format_rate": [m["format_rate"] for m in steps],
+    }
 
 
 def cell(key: str, values: list) -> str:
     if isinstance(values[0], tuple):
         return "; ".join(cell(key, [v[i] for v in values]) for i in range(len(values[0])))
-    fmt = (lambda v: f"{v:.2f}") if key.startswith(("steps per", "KL")) else (lambda v: f"{100 * v:.1f}%")
+    fmt = (
+        (lambda v: f"{v:.2f}")
+        if key.startswith(("steps per", "KL"))
+        else (lambda v: f"{100 * v:.1f}%")
+    )
     fmt = (lambda v: f"{v:.4f}") if key.startswith("KL") else fmt
-    return f"{fmt(statistics.mean(values))} ({', '.join(map(fmt, values))})" if len(values) > 1 else fmt(values[0])
+    return (
+        f"{fmt(statistics.mean(values))} ({', '.join(map(fmt, values))})"
+        if len(values) > 1
+        else fmt(values[0])
+    )
 
 
 def draw(table: dict[str, list[dict]], path: Path, smooth: int = 5) -> None:
     """Sampled accuracy and strict-format rate per step (moving means over `smooth` steps), a line per method,
     a style per seed."""
     from matplotlib.figure import Figure
+
     fig = Figure(figsize=(11, 4), dpi=80, layout="tight")
     for ax, key in zip(fig.subplots(1, 2), ("accuracy", "format_rate")):
-        for color, (method, seeds) in zip(("tab:gray", "tab:blue", "tab:orange", "tab:green"), table.items()):
+        for color, (method, seeds) in zip(
+            ("tab:gray", "tab:blue", "tab:orange", "tab:green"), table.items()
+        ):
             for style, run in zip(("-", ":"), seeds):
                 values = run[key]
-                smoothed = [statistics.mean(values[max(0, i - smooth + 1):i + 1]) for i in range(len(values))]
-                ax.plot(range(1, len(values) + 1), smoothed, style, color=color, label=method * (style == "-"))
+                smoothed = [
+                    statistics.mean(values[max(0, i - smooth + 1) : i + 1])
+                    for i in range(len(values))
+                ]
+                ax.plot(
+                    range(1, len(values) + 1),
+                    smoothed,
+                    style,
+                    color=color,
+                    label=method * (style == "-"),
+                )
         what = "strict-format rate" if key == "format_rate" else "accuracy"
-        ax.set(title=f"sampled {what}, mean of {smooth} steps", xlabel="step (3 questions x 8 replies)", ylim=(0, 1))
+        ax.set(
+            title=f"sampled {what}, mean of {smooth} steps",
+            xlabel="step (3 questions x 8 replies)",
+            ylim=(0, 1),
+        )
     ax.legend(title="seed 0 solid, seed 1 dotted", fontsize=8)
     fig.suptitle("arithmetic3 (a + b - c, numbers up to 9), SmolLM2-135M-Instruct")
     fig.savefig(path)
@@ -95,7 +152,11 @@ def main():
     print("|---|" + "---|" * len(table))
     for key in table["GRPO, outcome"][0]:
         if key not in ("accuracy", "format_rate"):  # the per-step lists: drawn, not tabled
-            print(f"| {key} | " + " | ".join(cell(key, [r[key] for r in rs]) for rs in table.values()) + " |")
+            print(
+                f"| {key} | "
+                + " | ".join(cell(key, [r[key] for r in rs]) for rs in table.values())
+                + " |"
+            )
     if args.figure:
         draw(table, args.figure)
 

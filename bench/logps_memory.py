@@ -34,8 +34,15 @@ def measure(completions: int, way: str, grad: bool) -> float:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+    )
     model = LlamaForCausalLM(config)
     input_ids = torch.randint(0, VOCAB, (completions, PROMPT + COMPLETION))
     attention_mask = torch.ones_like(input_ids)
@@ -44,15 +51,25 @@ def measure(completions: int, way: str, grad: bool) -> float:
         if way == "chunked":
             logp = grpo.per_token_logps(model, input_ids, attention_mask, COMPLETION)
         else:
-            logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=COMPLETION + 1).logits
-            logp = logits[:, :-1].float().log_softmax(-1).gather(-1, input_ids[:, -COMPLETION:, None]).squeeze(-1)
+            logits = model(
+                input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=COMPLETION + 1
+            ).logits
+            logp = (
+                logits[:, :-1]
+                .float()
+                .log_softmax(-1)
+                .gather(-1, input_ids[:, -COMPLETION:, None])
+                .squeeze(-1)
+            )
         if grad:
             logp.sum().backward()
     return rss_mb() - baseline
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--completions", type=int)
     parser.add_argument("--way", choices=["naive", "chunked"])
     parser.add_argument("--grad", action="store_true")
@@ -66,9 +83,13 @@ def main():
     runs += [(b, "chunked", g) for b in (1, 8, 64) for g in (False, True)]
     print(f"{'completions':>11} {'way':>8} {'grad':>5} {'peak MB above baseline':>24}")
     for completions, way, grad in runs:
-        command = [sys.executable, __file__, "--completions", str(completions), "--way", way] + (["--grad"] if grad else [])
+        command = [sys.executable, __file__, "--completions", str(completions), "--way", way] + (
+            ["--grad"] if grad else []
+        )
         child = subprocess.run(command, capture_output=True, text=True)
-        result = child.stdout.strip() if child.returncode == 0 else f"failed (exit {child.returncode})"
+        result = (
+            child.stdout.strip() if child.returncode == 0 else f"failed (exit {child.returncode})"
+        )
         print(f"{completions:>11} {way:>8} {str(grad):>5} {result:>24}", flush=True)
 
 

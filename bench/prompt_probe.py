@@ -19,12 +19,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import grpo  # noqa: E402
 import rewards  # noqa: E402
+from machinery import hub, loading  # noqa: E402
 
 R = rewards
 WORD_EXAMPLE = [
     {"role": "user", "content": "Ann buys 3 boxes of 4 pens. How many pens does she have?"},
-    {"role": "assistant", "content": f"{R.REASONING_START}\n3 boxes of 4 pens: 3 x 4 = 12 pens.\n"
-                                     f"{R.REASONING_END}\n{R.ANSWER_START}\n12\n{R.ANSWER_END}"}]
+    {
+        "role": "assistant",
+        "content": f"{R.REASONING_START}\n3 boxes of 4 pens: 3 x 4 = 12 pens.\n"
+        f"{R.REASONING_END}\n{R.ANSWER_START}\n12\n{R.ANSWER_END}",
+    },
+]
 EXAMPLES = {"none": [], "arithmetic": R.EXAMPLE_TURN, "word": WORD_EXAMPLE}
 
 
@@ -34,22 +39,33 @@ def main() -> None:
     parser.add_argument("--largest", default="49")
     parser.add_argument("--examples", default="none,arithmetic")
     args = parser.parse_args()
-    grpo.quiet_libraries()
-    tokenizer, model = grpo.load_tokenizer(args.model), grpo.load_model(args.model, torch.device("cpu"))
+    hub.quiet_libraries()
+    tokenizer, model = (
+        loading.load_tokenizer(args.model),
+        loading.load_model(args.model, torch.device("cpu")),
+    )
     torch.manual_seed(0)
     for example in args.examples.split(","):
         for largest in map(int, args.largest.split(",")):
             rng = random.Random(1)
             sums = [(rng.randint(0, largest), rng.randint(0, largest)) for _ in range(8)]
-            prompts = [[{"role": "system", "content": R.SYSTEM_PROMPT}, *EXAMPLES[example],
-                        {"role": "user", "content": f"What is {a} + {b}?"}] for a, b in sums]
+            prompts = [
+                [
+                    {"role": "system", "content": R.SYSTEM_PROMPT},
+                    *EXAMPLES[example],
+                    {"role": "user", "content": f"What is {a} + {b}?"},
+                ]
+                for a, b in sums
+            ]
             texts = grpo.generate_completions(model.eval(), tokenizer, prompts, 8, 64, 1.0).texts
             answers = [str(a + b) for a, b in sums for _ in range(8)]
             strict = sum(map(R.is_strict_format, texts))
             any_tag = sum(any(tag in text for tag in R.TAGS) for text in texts)
             right = int(sum(R.answer_reward(texts, answers)))
-            print(f"{example:>10}, up to {largest}: strict format {strict}/64, any tag {any_tag}/64, "
-                  f"right answer {right}/64")
+            print(
+                f"{example:>10}, up to {largest}: strict format {strict}/64, any tag {any_tag}/64, "
+                f"right answer {right}/64"
+            )
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import grpo  # noqa: E402
 import rewards  # noqa: E402
+from machinery import devices, hub, loading  # noqa: E402
 
 
 def main():
@@ -42,23 +43,28 @@ def main():
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
 
-    device = grpo.pick_device(args.device)
-    autocast = grpo.autocast_for(device, args.precision)
-    grpo.quiet_libraries()
-    tokenizer = grpo.load_tokenizer(args.model)
-    model = grpo.load_model(args.model, device).eval()
+    device = devices.pick_device(args.device)
+    autocast = devices.autocast_for(device, args.precision)
+    hub.quiet_libraries()
+    tokenizer = loading.load_tokenizer(args.model)
+    model = loading.load_model(args.model, device).eval()
     rows = rewards.load_dataset_rows(args.data, "train", example_turn=False)
-    batches = [[r["prompt"] for r in rows[i:i + args.questions]]  # other prompts every repeat
-               for i in range(0, args.questions * (args.repeats + 1), args.questions)]
-    paths = {"eager": grpo.generate_completions,
-             "compiled": partial(grpo.generate_completions, compiled=True)}
+    batches = [
+        [r["prompt"] for r in rows[i : i + args.questions]]  # other prompts every repeat
+        for i in range(0, args.questions * (args.repeats + 1), args.questions)
+    ]
+    paths = {
+        "eager": grpo.generate_completions,
+        "compiled": partial(grpo.generate_completions, compiled=True),
+    }
 
     def per_step(name, prompts):  # seconds per decoding step, and the completions
         times = {}
         torch.manual_seed(0)
-        with grpo.timed(times, "s", device):
-            out = paths[name](model, tokenizer, prompts, args.generations, args.tokens,
-                              args.temperature, autocast)
+        with devices.timed(times, "s", device):
+            out = paths[name](
+                model, tokenizer, prompts, args.generations, args.tokens, args.temperature, autocast
+            )
         return times["s"] / out.completion_ids.shape[1], out
 
     warm = {name: per_step(name, batches[0]) for name in paths}  # the compiled one compiles
@@ -69,29 +75,52 @@ def main():
         for name in paths:
             seconds, outs[name] = per_step(name, prompts)
             times[name].append(seconds)
-            print(f"{name:9s} {outs[name].completion_ids.shape[1]:4d} decoding steps, "
-                  f"{1000 * seconds:7.1f} ms per step", flush=True)
+            print(
+                f"{name:9s} {outs[name].completion_ids.shape[1]:4d} decoding steps, "
+                f"{1000 * seconds:7.1f} ms per step",
+                flush=True,
+            )
         eager, fast = (outs[name].completion_ids for name in paths)
         differ += (eager.shape != fast.shape) or int((eager != fast).any(dim=1).sum())
     eager, compiled = (statistics.median(times[name]) for name in paths)
     steps = warm["compiled"][1].completion_ids.shape[1]  # the first compiled call less a later one
     compile_s = (warm["compiled"][0] - compiled) * steps
-    print(f"compile time: {compile_s:.1f} s (the first compiled call less the median of the "
-          f"later ones, {steps} steps)", flush=True)
+    print(
+        f"compile time: {compile_s:.1f} s (the first compiled call less the median of the "
+        f"later ones, {steps} steps)",
+        flush=True,
+    )
     compilations = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    print(f"\n{args.questions * args.generations} rows, {device}, {args.precision}: median ms per "
-          f"decoding step: eager {1000 * eager:.1f}, compiled {1000 * compiled:.1f}; compiled / "
-          f"eager = {compiled / eager:.2f}; rows whose tokens differ: {differ}; compilations: "
-          f"{graphs} at the first call, {compilations} in all")
+    print(
+        f"\n{args.questions * args.generations} rows, {device}, {args.precision}: median ms per "
+        f"decoding step: eager {1000 * eager:.1f}, compiled {1000 * compiled:.1f}; compiled / "
+        f"eager = {compiled / eager:.2f}; rows whose tokens differ: {differ}; compilations: "
+        f"{graphs} at the first call, {compilations} in all"
+    )
     if args.json:
-        Path(args.json).write_text(json.dumps({
-            "rows": args.questions * args.generations, "eager_ms": round(1000 * eager, 2),
-            "compiled_ms": round(1000 * compiled, 2), "rows_differ": differ,
-            "compile_s": round(compile_s, 1), "compilations": compilations}))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "rows": args.questions * args.generations,
+                    "eager_ms": round(1000 * eager, 2),
+                    "compiled_ms": round(1000 * compiled, 2),
+                    "rows_differ": differ,
+                    "compile_s": round(compile_s, 1),
+                    "compilations": compilations,
+                }
+            )
+        )
     if args.profile:
         with torch.profiler.profile() as profile:
-            grpo.generate_completions(model, tokenizer, batches[0], args.generations, args.tokens,
-                                      args.temperature, autocast)
+            grpo.generate_completions(
+                model,
+                tokenizer,
+                batches[0],
+                args.generations,
+                args.tokens,
+                args.temperature,
+                autocast,
+            )
         print(profile.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
 
 

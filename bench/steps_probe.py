@@ -19,14 +19,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import grpo  # noqa: E402
 import rewards  # noqa: E402
+from machinery import hub, loading  # noqa: E402
 
 
 def steps_summary(texts: list[str]) -> dict:
     steps = [rewards.reasoning_steps(text) for text in texts]
     count = sum(len(s) for s in steps)
-    return {"steps_per_reply": round(count / len(texts), 2),
-            "steps_that_hold": round(sum(r for s in steps for _, r in s) / max(count, 1), 3),
-            "replies_with_2_steps_or_more": round(sum(len(s) >= 2 for s in steps) / len(texts), 3)}
+    return {
+        "steps_per_reply": round(count / len(texts), 2),
+        "steps_that_hold": round(sum(r for s in steps for _, r in s) / max(count, 1), 3),
+        "replies_with_2_steps_or_more": round(sum(len(s) >= 2 for s in steps) / len(texts), 3),
+    }
 
 
 def main() -> None:
@@ -39,30 +42,45 @@ def main() -> None:
     parser.add_argument("--generations", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=64)
     args = parser.parse_args()
-    grpo.quiet_libraries()
-    tokenizer, model = grpo.load_tokenizer(args.model), grpo.load_model(args.model, torch.device("cpu"))
+    hub.quiet_libraries()
+    tokenizer, model = (
+        loading.load_tokenizer(args.model),
+        loading.load_model(args.model, torch.device("cpu")),
+    )
     model.eval()
     torch.manual_seed(0)
     held_out = rewards.load_dataset_rows(args.dataset, "test", arithmetic_max=args.arithmetic_max)
-    rows = held_out[:args.eval_size]
-    result = {"dataset": args.dataset, "arithmetic_max": args.arithmetic_max,
-              "greedy": grpo.evaluate(model, tokenizer, rows, 32, args.tokens)}
-    greedy = [text for i in range(0, len(rows), 32) for text in grpo.generate_completions(
-        model, tokenizer, [r["prompt"] for r in rows[i:i + 32]], 1, args.tokens, 0.0).texts]
+    rows = held_out[: args.eval_size]
+    result = {
+        "dataset": args.dataset,
+        "arithmetic_max": args.arithmetic_max,
+        "greedy": grpo.evaluate(model, tokenizer, rows, 32, args.tokens),
+    }
+    greedy = [
+        text
+        for i in range(0, len(rows), 32)
+        for text in grpo.generate_completions(
+            model, tokenizer, [r["prompt"] for r in rows[i : i + 32]], 1, args.tokens, 0.0
+        ).texts
+    ]
     result["greedy"] |= steps_summary(greedy)
     train = rewards.load_dataset_rows(args.dataset, "train", arithmetic_max=args.arithmetic_max)
-    asked = train[:args.questions]
+    asked = train[: args.questions]
     G = args.generations
-    texts = grpo.generate_completions(model, tokenizer, [r["prompt"] for r in asked], G, args.tokens,
-                                      1.0).texts
+    texts = grpo.generate_completions(
+        model, tokenizer, [r["prompt"] for r in asked], G, args.tokens, 1.0
+    ).texts
     answers = [r["answer"] for r in asked for _ in range(G)]
     answer = torch.tensor(rewards.answer_reward(texts, answers)).view(-1, G)
     step = torch.tensor(rewards.step_reward(texts)).view(-1, G)
     differ = lambda r: round((r != r[:, :1]).any(dim=1).float().mean().item(), 3)  # noqa: E731
-    result["sampled"] = {"accuracy": round(answer.mean().item(), 3),
-                         "strict_format": round(sum(map(rewards.is_strict_format, texts)) / len(texts), 3),
-                         "groups_whose_answer_rewards_differ": differ(answer),
-                         "groups_whose_step_rewards_differ": differ(step), **steps_summary(texts)}
+    result["sampled"] = {
+        "accuracy": round(answer.mean().item(), 3),
+        "strict_format": round(sum(map(rewards.is_strict_format, texts)) / len(texts), 3),
+        "groups_whose_answer_rewards_differ": differ(answer),
+        "groups_whose_step_rewards_differ": differ(step),
+        **steps_summary(texts),
+    }
     print(json.dumps(result))
 
 

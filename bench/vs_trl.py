@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 import grpo  # noqa: E402
 import rewards  # noqa: E402
+from machinery import devices, loading  # noqa: E402
 from rewards import answer_reward, format_reward  # noqa: E402
 
 P, G, MAX_NEW_TOKENS, MICRO_BATCH, BETA, LR = 4, 8, 128, 8, 0.04, 1e-6
@@ -42,32 +43,57 @@ def peak_rss_mb() -> float:
 def questions(args) -> list[dict]:
     """The first (warmup + steps) x P questions of the data file, in order, for both sides."""
     # the prompt its figures were measured with: no worked example
-    return rewards.load_dataset_rows(args.data, "train", example_turn=False)[: (args.warmup + args.steps) * P]
+    return rewards.load_dataset_rows(args.data, "train", example_turn=False)[
+        : (args.warmup + args.steps) * P
+    ]
 
 
 def run_ours(args) -> dict:
     import torch
 
-    cfg = grpo.Config(model=args.model, prompts_per_step=P, num_generations=G, max_completion_length=MAX_NEW_TOKENS,
-                      temperature=1.0, beta=BETA, mu=1, loss_type="grpo", micro_batch_size=MICRO_BATCH,
-                      learning_rate=LR, precision=args.precision, device="cpu", seed=0,
-                      format_weight=FORMAT_WEIGHT, answer_weight=ANSWER_WEIGHT)
+    cfg = grpo.Config(
+        model=args.model,
+        prompts_per_step=P,
+        num_generations=G,
+        max_completion_length=MAX_NEW_TOKENS,
+        temperature=1.0,
+        beta=BETA,
+        mu=1,
+        loss_type="grpo",
+        micro_batch_size=MICRO_BATCH,
+        learning_rate=LR,
+        precision=args.precision,
+        device="cpu",
+        seed=0,
+        format_weight=FORMAT_WEIGHT,
+        answer_weight=ANSWER_WEIGHT,
+    )
     torch.manual_seed(cfg.seed)
     device = torch.device("cpu")
-    autocast = grpo.autocast_for(device, cfg.precision)
-    tokenizer = grpo.load_tokenizer(cfg.model)
-    policy, reference = grpo.load_policy_and_reference(cfg, device)
-    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=LR, weight_decay=0.0)
+    autocast = devices.autocast_for(device, cfg.precision)
+    tokenizer = loading.load_tokenizer(cfg.model)
+    policy, reference = loading.load_policy_and_reference(cfg, device)
+    optimizer = torch.optim.AdamW(
+        [p for p in policy.parameters() if p.requires_grad], lr=LR, weight_decay=0.0
+    )
     rows = questions(args)
     times, phases = [], []
     for step in range(args.warmup + args.steps):
         start = time.perf_counter()
-        metrics, *_ = grpo.grpo_step(policy, reference, tokenizer, optimizer, rows[step * P:(step + 1) * P], cfg, autocast)
+        metrics, *_ = grpo.grpo_step(
+            policy, reference, tokenizer, optimizer, rows[step * P : (step + 1) * P], cfg, autocast
+        )
         times.append(time.perf_counter() - start)
-        phases.append({k: round(v, 2) for k, v in metrics.items() if k.startswith("time/")}
-                      | {"completion/len_mean": metrics["completion/len_mean"]})
-        print(f"ours {args.precision} step {step}: {times[-1]:.1f} s {phases[-1]}", file=sys.stderr, flush=True)
-    return {"step_seconds": times[args.warmup:], "phases": phases[args.warmup:]}
+        phases.append(
+            {k: round(v, 2) for k, v in metrics.items() if k.startswith("time/")}
+            | {"completion/len_mean": metrics["completion/len_mean"]}
+        )
+        print(
+            f"ours {args.precision} step {step}: {times[-1]:.1f} s {phases[-1]}",
+            file=sys.stderr,
+            flush=True,
+        )
+    return {"step_seconds": times[args.warmup :], "phases": phases[args.warmup :]}
 
 
 def run_trl(args) -> dict:
@@ -90,36 +116,75 @@ def run_trl(args) -> dict:
 
         def on_step_end(self, *_, **__):
             times.append(time.perf_counter() - self.start)
-            print(f"trl {args.precision} step {len(times) - 1}: {times[-1]:.1f} s", file=sys.stderr, flush=True)
+            print(
+                f"trl {args.precision} step {len(times) - 1}: {times[-1]:.1f} s",
+                file=sys.stderr,
+                flush=True,
+            )
 
-    dataset = Dataset.from_list([{"prompt": r["prompt"], "answer": r["answer"]} for r in questions(args)])
+    dataset = Dataset.from_list(
+        [{"prompt": r["prompt"], "answer": r["answer"]} for r in questions(args)]
+    )
     with tempfile.TemporaryDirectory() as output_dir:
         config = GRPOConfig(
-            output_dir=output_dir, use_cpu=True, bf16=args.precision == "bf16", seed=0,
+            output_dir=output_dir,
+            use_cpu=True,
+            bf16=args.precision == "bf16",
+            seed=0,
             model_init_kwargs={"dtype": torch.float32},  # fp32 weights, as ours
-            per_device_train_batch_size=MICRO_BATCH, gradient_accumulation_steps=P * G // MICRO_BATCH,
-            num_generations=G, max_completion_length=MAX_NEW_TOKENS, temperature=1.0, top_p=1.0, top_k=0,
-            beta=BETA, num_iterations=1, epsilon=0.2, loss_type="grpo", scale_rewards="group",
-            reward_weights=[FORMAT_WEIGHT, ANSWER_WEIGHT], learning_rate=LR, lr_scheduler_type="constant",
-            weight_decay=0.0, max_grad_norm=1.0, activation_checkpointing=False, shuffle_dataset=False,
-            max_steps=args.warmup + args.steps, logging_steps=1, save_strategy="no", report_to="none",
+            per_device_train_batch_size=MICRO_BATCH,
+            gradient_accumulation_steps=P * G // MICRO_BATCH,
+            num_generations=G,
+            max_completion_length=MAX_NEW_TOKENS,
+            temperature=1.0,
+            top_p=1.0,
+            top_k=0,
+            beta=BETA,
+            num_iterations=1,
+            epsilon=0.2,
+            loss_type="grpo",
+            scale_rewards="group",
+            reward_weights=[FORMAT_WEIGHT, ANSWER_WEIGHT],
+            learning_rate=LR,
+            lr_scheduler_type="constant",
+            weight_decay=0.0,
+            max_grad_norm=1.0,
+            activation_checkpointing=False,
+            shuffle_dataset=False,
+            max_steps=args.warmup + args.steps,
+            logging_steps=1,
+            save_strategy="no",
+            report_to="none",
             dataloader_num_workers=0,
         )
-        trainer = GRPOTrainer(model=args.model, reward_funcs=[trl_format_reward, trl_answer_reward], args=config,
-                              train_dataset=dataset, callbacks=[StepTimer()])
+        trainer = GRPOTrainer(
+            model=args.model,
+            reward_funcs=[trl_format_reward, trl_answer_reward],
+            args=config,
+            train_dataset=dataset,
+            callbacks=[StepTimer()],
+        )
         trainer.train()
-    return {"step_seconds": times[args.warmup:]}
+    return {"step_seconds": times[args.warmup :]}
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", required=True, help="Hub id or local folder of the chat model")
-    parser.add_argument("--data", required=True, help="GSM8K-style JSON-lines file (question, answer)")
-    parser.add_argument("--precisions", default="fp32,bf16", help="comma-separated, from fp32 and bf16")
+    parser.add_argument(
+        "--data", required=True, help="GSM8K-style JSON-lines file (question, answer)"
+    )
+    parser.add_argument(
+        "--precisions", default="fp32,bf16", help="comma-separated, from fp32 and bf16"
+    )
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--out", help="write the results as JSON here")
-    parser.add_argument("--side", choices=["ours", "trl"], help=argparse.SUPPRESS)  # one side, in a child process
+    parser.add_argument(
+        "--side", choices=["ours", "trl"], help=argparse.SUPPRESS
+    )  # one side, in a child process
     parser.add_argument("--precision", choices=["fp32", "bf16"], help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -131,11 +196,27 @@ def main():
     results = {}
     for precision in args.precisions.split(","):
         for side in ("ours", "trl"):
-            command = [sys.executable, __file__, "--side", side, "--precision", precision, "--model", args.model,
-                       "--data", args.data, "--warmup", str(args.warmup), "--steps", str(args.steps)]
+            command = [
+                sys.executable,
+                __file__,
+                "--side",
+                side,
+                "--precision",
+                precision,
+                "--model",
+                args.model,
+                "--data",
+                args.data,
+                "--warmup",
+                str(args.warmup),
+                "--steps",
+                str(args.steps),
+            ]
             child = subprocess.run(command, stdout=subprocess.PIPE, text=True)
             if child.returncode != 0:
-                sys.exit(f"{side} at {precision} failed (exit {child.returncode}); its log is above")
+                sys.exit(
+                    f"{side} at {precision} failed (exit {child.returncode}); its log is above"
+                )
             result = json.loads(child.stdout.strip().splitlines()[-1])
             result["median_step_seconds"] = statistics.median(result["step_seconds"])
             results[f"{side}/{precision}"] = result
@@ -146,8 +227,10 @@ def main():
         print(f"{precision:<10}{side:<6}{r['median_step_seconds']:>15.1f}{r['peak_rss_mb']:>13.0f}")
     for precision in args.precisions.split(","):
         ours, trl = results[f"ours/{precision}"], results[f"trl/{precision}"]
-        print(f"{precision}: time ours/TRL = {ours['median_step_seconds'] / trl['median_step_seconds']:.2f}, "
-              f"peak memory ours/TRL = {ours['peak_rss_mb'] / trl['peak_rss_mb']:.2f}")
+        print(
+            f"{precision}: time ours/TRL = {ours['median_step_seconds'] / trl['median_step_seconds']:.2f}, "
+            f"peak memory ours/TRL = {ours['peak_rss_mb'] / trl['peak_rss_mb']:.2f}"
+        )
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))
 

@@ -11,15 +11,21 @@ Each test of an exercise runs with your functions in grpo.py's place (grpo.py's 
 them too); the functions of the other exercises stay grpo.py's, so each exercise is checked alone.
 """
 
-import argparse, contextlib, importlib.util, inspect, io, json, sys  # noqa: E401
+import argparse
+import contextlib
+import importlib.util
+import inspect
+import io
+import json
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import pytest  # noqa: E402
+from mistakes import MISTAKES  # noqa: E402
 
 import grpo  # noqa: E402
-from mistakes import MISTAKES  # noqa: E402
 
 # Each exercise, in the order of one GRPO step: the function you write, the tests that check it.
 EXERCISES = {
@@ -28,29 +34,34 @@ EXERCISES = {
         "test_sampling_draws_from_softmax_of_the_logits_over_the_temperature[0.5-1.0-cpu]",
         "test_greedy_decoding_over_the_shared_prompt_cache_equals_plain_generate",
         "test_the_uniform_number_keeps_float64_resolution",
-        "test_a_uniform_number_of_zero_never_draws_a_token_of_probability_zero"],
+        "test_a_uniform_number_of_zero_never_draws_a_token_of_probability_zero",
+    ],
     "completion_mask": [
         "test_completion_mask",
-        "test_sampling_and_the_mask_make_their_tensors_on_their_inputs_device"],
+        "test_sampling_and_the_mask_make_their_tensors_on_their_inputs_device",
+    ],
     "group_advantages": [
         "test_group_advantages_reference_values",
         "test_group_advantages_are_exactly_zero_for_equal_rewards_and_per_group",
-        "test_batch_std_divides_by_the_whole_batchs_std"],
-    "reward_to_go": [
-        "test_reward_to_go_sums_each_rows_rewards_from_t_on"],
+        "test_batch_std_divides_by_the_whole_batchs_std",
+    ],
+    "reward_to_go": ["test_reward_to_go_sums_each_rows_rewards_from_t_on"],
     "process_advantages": [
         "test_process_advantages_reference_values",
         "test_process_advantages_without_steps_are_the_outcome_advantages",
-        "test_process_advantages_normalize_each_group_apart_and_sum_steps_ending_together"],
+        "test_process_advantages_normalize_each_group_apart_and_sum_steps_ending_together",
+    ],
     "per_token_logps": [
         "test_per_token_logps_equals_plain_log_softmax[1024-1.0-False]",
         "test_per_token_logps_equals_plain_log_softmax[5-0.7-False]",
         "test_left_padding_does_not_change_logps",
-        "test_log_probs_keep_no_vocabulary_sized_tensor_for_the_backward_pass"],
+        "test_log_probs_keep_no_vocabulary_sized_tensor_for_the_backward_pass",
+    ],
     "kl_estimate": [
         "test_kl_estimators_reference_values",
         "test_k3_ratio_is_k3_times_the_ratio_and_k1_is_refused",
-        "test_which_kl_gradient_each_estimator_gives_as_a_loss"],
+        "test_which_kl_gradient_each_estimator_gives_as_a_loss",
+    ],
     "grpo_loss": [
         "test_grpo_loss_reference_values",
         "test_asymmetric_clip_reference_value",
@@ -60,7 +71,8 @@ EXERCISES = {
         "test_without_reference_log_probs_the_loss_has_no_kl_term",
         "test_gradient_does_not_depend_on_micro_batch_size",
         "test_per_token_advantages_equal_to_each_completions_one_give_the_same_loss_and_gradient",
-        "test_k1_to_go_puts_the_kl_to_go_in_the_advantage_not_in_the_loss"],
+        "test_k1_to_go_puts_the_kl_to_go_in_the_advantage_not_in_the_loss",
+    ],
 }
 PART1 = list(EXERCISES)
 
@@ -83,11 +95,15 @@ def with_mistake(mistake) -> dict:
     """grpo.py's function with one line of it changed as the mistake says: {name: function}."""
     source = inspect.getsource(getattr(grpo, mistake.exercise))
     if source.count(mistake.right) != 1:
-        raise ValueError(f"mistake {mistake.name!r}: {mistake.right!r} is not once in grpo.py's "
-                         f"{mistake.exercise}; update exercises/mistakes.py")
+        raise ValueError(
+            f"mistake {mistake.name!r}: {mistake.right!r} is not once in grpo.py's "
+            f"{mistake.exercise}; update exercises/mistakes.py"
+        )
     namespace = dict(vars(grpo))  # grpo.py's globals: the other functions stay the right ones
-    exec(compile(source.replace(mistake.right, mistake.wrong), f"<mistake {mistake.name}>", "exec"),
-         namespace)
+    exec(
+        compile(source.replace(mistake.right, mistake.wrong), f"<mistake {mistake.name}>", "exec"),
+        namespace,
+    )
     return {mistake.exercise: namespace[mistake.exercise]}
 
 
@@ -100,8 +116,12 @@ class Swap:
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_setup(self, item):
-        self.saved = [(module, name, getattr(module, name)) for module in (grpo, item.module)
-                      for name in self.functions if hasattr(module, name)]
+        self.saved = [
+            (module, name, getattr(module, name))
+            for module in (grpo, item.module)
+            for name in self.functions
+            if hasattr(module, name)
+        ]
         for module, name, _ in self.saved:
             setattr(module, name, self.functions[name])
 
@@ -112,8 +132,14 @@ class Swap:
 
     def pytest_runtest_makereport(self, item, call):  # the first failure of a test is its outcome
         if call.excinfo is not None:
-            self.results.setdefault(item.name, {"passed": False, "error": call.excinfo.typename,
-                                                "message": str(call.excinfo.value)})
+            self.results.setdefault(
+                item.name,
+                {
+                    "passed": False,
+                    "error": call.excinfo.typename,
+                    "message": str(call.excinfo.value),
+                },
+            )
         elif call.when == "call":
             self.results.setdefault(item.name, {"passed": True, "error": None})
 
@@ -123,8 +149,16 @@ def run(exercises: list[str], functions: dict, quiet: bool = False) -> dict:
     swap = Swap(functions)
     tests = [f"{ROOT / 'test_grpo.py'}::{test}" for e in exercises for test in EXERCISES[e]]
     with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
-        flags = ["-q", "--tb=short", "--rootdir", str(ROOT), "-p", "no:cacheprovider",
-                 "-W", "ignore::pytest.PytestAssertRewriteWarning"]  # (grpo was imported first)
+        flags = [
+            "-q",
+            "--tb=short",
+            "--rootdir",
+            str(ROOT),
+            "-p",
+            "no:cacheprovider",
+            "-W",
+            "ignore::pytest.PytestAssertRewriteWarning",
+        ]  # (grpo was imported first)
         code = pytest.main([*tests, *flags], plugins=[swap])
     if code not in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED):
         raise RuntimeError(f"pytest could not run the tests of {exercises} (exit code {code})")
@@ -134,36 +168,54 @@ def run(exercises: list[str], functions: dict, quiet: bool = False) -> dict:
 def catalogue(stubs: Path) -> dict:
     """What CI checks: the solution passes, the untouched stubs fail each test with
     NotImplementedError, and each catalogued mistake fails a test whose message says `says`."""
-    report = {"solution": run(list(EXERCISES), learner_functions(Path(grpo.__file__),
-                                                                 list(EXERCISES)), quiet=True)}
+    report = {
+        "solution": run(
+            list(EXERCISES), learner_functions(Path(grpo.__file__), list(EXERCISES)), quiet=True
+        )
+    }
     report["stubs"] = {e: run([e], learner_functions(stubs, [e]), quiet=True) for e in EXERCISES}
     report["mistakes"] = {}
     for mistake in MISTAKES:
         results = run([mistake.exercise], with_mistake(mistake), quiet=True)
         failed = {test: r["message"] for test, r in results.items() if not r["passed"]}
         report["mistakes"][mistake.name] = {
-            "failed": sorted(failed), "caught_by": sorted(t for t, m in failed.items()
-                                                          if mistake.says in m)}
+            "failed": sorted(failed),
+            "caught_by": sorted(t for t, m in failed.items() if mistake.says in m),
+        }
     return report
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("exercises", nargs="*", metavar="EXERCISE",
-                        help=f"one or more of: {', '.join(EXERCISES)} (default: all, in order)")
-    parser.add_argument("--file", type=Path, default=Path(__file__).parent / "part1.py",
-                        help="the file of your functions (default: exercises/part1.py)")
-    parser.add_argument("--mistakes", action="store_true",
-                        help="show that the tests catch each mistake of exercises/mistakes.py")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "exercises",
+        nargs="*",
+        metavar="EXERCISE",
+        help=f"one or more of: {', '.join(EXERCISES)} (default: all, in order)",
+    )
+    parser.add_argument(
+        "--file",
+        type=Path,
+        default=Path(__file__).parent / "part1.py",
+        help="the file of your functions (default: exercises/part1.py)",
+    )
+    parser.add_argument(
+        "--mistakes",
+        action="store_true",
+        help="show that the tests catch each mistake of exercises/mistakes.py",
+    )
     parser.add_argument("--json", type=Path, help="with --mistakes: also write the report here")
     args = parser.parse_args(argv)
     if args.mistakes:
         report = catalogue(args.file)
         for mistake in MISTAKES:
             caught = report["mistakes"][mistake.name]["caught_by"]
-            print(f"{'caught' if caught else 'MISSED'}  {mistake.exercise}: {mistake.what}"
-                  f"\n        by {', '.join(caught) or 'no test with its message'}")
+            print(
+                f"{'caught' if caught else 'MISSED'}  {mistake.exercise}: {mistake.what}"
+                f"\n        by {', '.join(caught) or 'no test with its message'}"
+            )
         if args.json:
             args.json.write_text(json.dumps(report, indent=1))
         return 0 if all(m["caught_by"] for m in report["mistakes"].values()) else 1
@@ -175,12 +227,20 @@ def main(argv=None) -> int:
     results = run(exercises, learner_functions(args.file, exercises))
     print()
     for exercise in exercises:
-        outcomes = [r for test, r in results.items() if test.split("[")[0] in
-                    {t.split("[")[0] for t in EXERCISES[exercise]}]
+        outcomes = [
+            r
+            for test, r in results.items()
+            if test.split("[")[0] in {t.split("[")[0] for t in EXERCISES[exercise]}
+        ]
         failed = [r for r in outcomes if not r["passed"]]
         todo = any(r["error"] == "NotImplementedError" for r in failed)
-        state = ("not written yet" if todo else f"{len(failed)} of {len(outcomes)} tests fail"
-                 if failed else f"{len(outcomes)} of {len(outcomes)} tests pass")
+        state = (
+            "not written yet"
+            if todo
+            else f"{len(failed)} of {len(outcomes)} tests fail"
+            if failed
+            else f"{len(outcomes)} of {len(outcomes)} tests pass"
+        )
         print(f"{'ok  ' if not failed else 'todo' if todo else 'FAIL'}  {exercise}: {state}")
     return 0 if all(r["passed"] for r in results.values()) else 1
 

@@ -1,5 +1,5 @@
 """
-Part 1 of grpo.py, for you to write: the functions of one GRPO step, in its order. Each docstring
+grpo.py's GRPO functions, for you to write: those of one GRPO step, in its order. Each docstring
 opens with grpo.py's own (the formula), then says what the tests hold you to. Replace each
 `raise NotImplementedError` and check one exercise at a time (exercises/README.md):
 
@@ -38,8 +38,9 @@ def completion_mask(ids: torch.Tensor, eos_token_ids: list[int]) -> torch.Tensor
 
 
 # ---- 3. Advantages -------------------------------------------------------------------------------
-def group_advantages(rewards: torch.Tensor, group_size: int, std: str = "group",
-                     eps: float = 1e-4) -> torch.Tensor:
+def group_advantages(
+    rewards: torch.Tensor, group_size: int, std: str = "group", eps: float = 1e-4
+) -> torch.Tensor:
     """Â_i = (r_i - mean(r)) / (std(r) + eps), the mean over each group of `group_size` neighbours,
     the sample std (N - 1) over the group, or the whole batch (std="batch"); "none": Dr. GRPO's
     r_i - mean(r). Equal rewards in a group give Â = 0 exactly.
@@ -57,8 +58,9 @@ def reward_to_go(rewards: torch.Tensor) -> torch.Tensor:
     raise NotImplementedError("reward_to_go")
 
 
-def process_advantages(steps: list[list[tuple[int, float]]], group_size: int, length: int,
-                       eps: float = 1e-4) -> torch.Tensor:
+def process_advantages(
+    steps: list[list[tuple[int, float]]], group_size: int, length: int, eps: float = 1e-4
+) -> torch.Tensor:
     """Process supervision (the paper's section 4.1.3). steps[i]: (token index, reward) of each step
     of completion i. Each reward normalized over all steps of its group, r̃ = (r - mean(R)) /
     (std(R) + eps); Â_it = Σ r̃ of the steps of completion i ending at t or after. [B, length]
@@ -70,8 +72,14 @@ def process_advantages(steps: list[list[tuple[int, float]]], group_size: int, le
 
 
 # ---- 4. Log-probs --------------------------------------------------------------------------------
-def per_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    completion_length: int, temperature: float = 1.0, chunk_size: int = 1024):
+def per_token_logps(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    completion_length: int,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+):
     """log π(o_t | q, o_<t) = logit[o_t] - logsumexp(logits) of the last `completion_length` tokens
     of each row, logits = lm_head(h) / temperature (the sampler's, or another policy is scored),
     over chunks of tokens recomputed in backward: no [B, T, V] tensor ever exists.
@@ -85,8 +93,9 @@ def per_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
 
 
 # ---- 5. The loss ---------------------------------------------------------------------------------
-def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str,
-                old_logp: torch.Tensor | None = None) -> torch.Tensor:
+def kl_estimate(
+    logp: torch.Tensor, ref_logp: torch.Tensor, kind: str, old_logp: torch.Tensor | None = None
+) -> torch.Tensor:
     """Per-token estimate of KL(π_θ || π_ref), log_r = log π_ref - log π_θ (Schulman's k1-3):
     k1 = -log_r; k2 = log_r² / 2; k3 = e^log_r - log_r - 1 (paper's eq. 4); k3_ratio = ρ k3.
     As a loss on samples of π_old only k3_ratio's gradient is ∇KL(π_θ || π_ref) on and off
@@ -97,10 +106,22 @@ def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str,
     raise NotImplementedError("kl_estimate")
 
 
-def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, beta: float, epsilon_low: float,
-              epsilon_high: float, loss_type: str, max_completion_length: int,
-              kl_estimator: str = "k3_ratio", num_sequences: int | None = None,
-              num_tokens: int | None = None):
+def grpo_loss(
+    logp,
+    old_logp,
+    ref_logp,
+    advantages,
+    mask,
+    *,
+    beta: float,
+    epsilon_low: float,
+    epsilon_high: float,
+    loss_type: str,
+    max_completion_length: int,
+    kl_estimator: str = "k3_ratio",
+    num_sequences: int | None = None,
+    num_tokens: int | None = None,
+):
     """The negated GRPO objective, and its diagnostics. Per token, Â_it given per token ([B, T]) or
     per completion ([B]: the same on each of its tokens),
         X_it = -min(ρ_it Â_it, clip(ρ_it, 1 - ε_low, 1 + ε_high) Â_it) + β KL_it, then

@@ -10,7 +10,11 @@ writes, curves.png included, to --output-dir.
   --mistake NAME   instead: grpo.py's functions with one mistake of exercises/mistakes.py in place
 """
 
-import argparse, ast, inspect, sys, textwrap  # noqa: E401
+import argparse
+import ast
+import inspect
+import sys
+import textwrap
 from pathlib import Path
 
 from check import EXERCISES, learner_functions, with_mistake  # (check.py puts grpo.py on the path)
@@ -42,9 +46,12 @@ def main(argv: list[str] | None = None) -> None:
         functions, source = learner_functions(args.file, list(EXERCISES)), str(args.file)
         stubs = [name for name, function in functions.items() if is_stub(function)]
         if stubs:
-            parser.exit(2, f"exercises/train.py: error: {args.file}: {', '.join(stubs)} not "
-                           f"written yet. Write each and check it: python exercises/check.py "
-                           f"{stubs[0]}\n")
+            parser.exit(
+                2,
+                f"exercises/train.py: error: {args.file}: {', '.join(stubs)} not "
+                f"written yet. Write each and check it: python exercises/check.py "
+                f"{stubs[0]}\n",
+            )
     print(f"grpo.py with {', '.join(functions)} from {source}")
     saved = {name: getattr(grpo, name) for name in functions}
     try:

@@ -20,21 +20,34 @@ import rewards  # noqa: E402
 
 
 def verl_rows(rows: list[dict], data_source: str, split: str) -> list[dict]:
-    return [{"data_source": data_source, "prompt": row["prompt"], "ability": "math",
-             "reward_model": {"style": "rule", "ground_truth": row["answer"]},
-             "extra_info": {"split": split, "index": i, "question": row["question"]}}
-            for i, row in enumerate(rows)]
+    return [
+        {
+            "data_source": data_source,
+            "prompt": row["prompt"],
+            "ability": "math",
+            "reward_model": {"style": "rule", "ground_truth": row["answer"]},
+            "extra_info": {"split": split, "index": i, "question": row["question"]},
+        }
+        for i, row in enumerate(rows)
+    ]
 
 
-def write_parquet(dataset: str, out: Path, dataset_config: str = "main", arithmetic_max: int = 49,
-                  seed: int = 0, example_turn: bool = True) -> dict[str, Path]:
+def write_parquet(
+    dataset: str,
+    out: Path,
+    dataset_config: str = "main",
+    arithmetic_max: int = 49,
+    seed: int = 0,
+    example_turn: bool = True,
+) -> dict[str, Path]:
     from datasets import Dataset
 
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
     for split in ("train", "test"):
-        rows = rewards.load_dataset_rows(dataset, split, dataset_config, arithmetic_max, seed,
-                                         example_turn)
+        rows = rewards.load_dataset_rows(
+            dataset, split, dataset_config, arithmetic_max, seed, example_turn
+        )
         paths[split] = out / f"{split}.parquet"
         Dataset.from_list(verl_rows(rows, dataset, split)).to_parquet(str(paths[split]))
     return paths
@@ -50,8 +63,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="folder for train.parquet and test.parquet")
     args = parser.parse_args(argv)
     try:
-        paths = write_parquet(args.dataset, Path(args.out), args.dataset_config,
-                              args.arithmetic_max, args.seed, args.example_turn)
+        paths = write_parquet(
+            args.dataset,
+            Path(args.out),
+            args.dataset_config,
+            args.arithmetic_max,
+            args.seed,
+            args.example_turn,
+        )
     except rewards.ConfigError as error:
         sys.exit(f"prepare_data.py: error: {error}")
     print("\n".join(f"{split}: {path}" for split, path in paths.items()))

@@ -18,10 +18,21 @@ import rewards  # noqa: E402
 FORMAT_WEIGHT, ANSWER_WEIGHT, STEP_WEIGHT = 0.5, 1.0, 0.0  # grpo.Config's *_weight fields
 
 
-def compute_score(data_source, solution_str, ground_truth, extra_info=None,
-                  format_weight: float = FORMAT_WEIGHT, answer_weight: float = ANSWER_WEIGHT,
-                  step_weight: float = STEP_WEIGHT, **kwargs) -> float:
+def compute_score(
+    data_source,
+    solution_str,
+    ground_truth,
+    extra_info=None,
+    format_weight: float = FORMAT_WEIGHT,
+    answer_weight: float = ANSWER_WEIGHT,
+    step_weight: float = STEP_WEIGHT,
+    **kwargs,
+) -> float:
     """Σ weight x reward over format, answer and step, as grpo.score_completions."""
     weights = {"format": format_weight, "answer": answer_weight, "step": step_weight}
-    return float(sum(weight * rewards.REWARD_FUNCTIONS[name]([solution_str], [ground_truth])[0]
-                     for name, weight in weights.items()))
+    return float(
+        sum(
+            weight * rewards.REWARD_FUNCTIONS[name]([solution_str], [ground_truth])[0]
+            for name, weight in weights.items()
+        )
+    )

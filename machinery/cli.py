@@ -1,0 +1,80 @@
+"""The command line as a Config, and every check that can fail before a model loads."""
+
+from dataclasses import fields, replace
+from pathlib import Path
+
+from machinery.checkpoints import check_output_dir, run_config
+from machinery.devices import compiles_by_default, pick_device
+from machinery.flags import CHOICES, flag, flag_parser, require, typed_flags
+from machinery.hub import check_sources
+
+POSITIVE = """prompts_per_step max_completion_length max_steps mu mini_batches temperature
+    micro_batch_size logp_chunk_size eval_batch_size learning_rate arithmetic_max""".split()
+NOT_NEGATIVE = """eval_size save_every log_samples_every ref_sync_every lora_r beta
+    weight_decay""".split()
+
+
+def parse_args(config_class, argv: list[str] | None = None, parser=None):
+    """The flags typed as a `config_class`; on --resume, those not typed keep the run's (not
+    --compile, which is this machine's)."""
+    names = {f.name for f in fields(config_class)}
+    typed = typed_flags(parser or flag_parser(config_class), argv)
+    typed = {k: v for k, v in typed.items() if k in names}  # no runner's own flags
+    output_dir = Path(typed.get("output_dir", config_class.output_dir))
+    run = run_config(output_dir) if typed.get("resume") else {}
+    kept = names - set(typed) - {"resume", "compile"}
+    return config_class(**{k: v for k, v in run.items() if k in kept}, **typed)
+
+
+def check_config(cfg, built_in_datasets: tuple[str, ...] = ()) -> None:
+    """Fail at once, with the fix, on settings that would otherwise fail late or silently."""
+    require(
+        cfg.num_generations >= 2,
+        f"--num-generations is {cfg.num_generations}; GRPO compares completions within a group, "
+        "so use 2 or more (8 is usual).",
+    )
+    for name in POSITIVE:
+        require(getattr(cfg, name) > 0, f"{flag(name)} is {getattr(cfg, name)}; it must be > 0.")
+    for name in NOT_NEGATIVE:
+        require(getattr(cfg, name) >= 0, f"{flag(name)} is {getattr(cfg, name)}; it must be >= 0.")
+    require(
+        cfg.kl_estimator != "k1",
+        "--kl-estimator k1: as a loss its gradient is 0 in expectation on policy: it regularizes "
+        "nothing. Use k3_ratio (the default), k3 or k2.",
+    )
+    require(
+        0 <= cfg.epsilon_low < 1 and cfg.epsilon_high >= 0,
+        f"clip range [1 - {cfg.epsilon_low}, 1 + {cfg.epsilon_high}]: use 0 <= epsilon-low < 1 "
+        "<= 1 + high.",
+    )
+    for name, choices in CHOICES.items():
+        require(
+            getattr(cfg, name) in choices,
+            f"{flag(name)} {getattr(cfg, name)!r} is unknown; choose one of {', '.join(choices)}.",
+        )
+    require(
+        cfg.prompts_per_step * cfg.num_generations % cfg.mini_batches == 0,
+        f"--mini-batches {cfg.mini_batches} must divide a step's completions, P*G.",
+    )
+    require(
+        cfg.supervision == "outcome" or cfg.advantage == "grpo",
+        "--supervision process normalizes the steps' rewards over their group: use it with "
+        "--advantage grpo.",
+    )
+    require(
+        not (cfg.lora_r and cfg.ref_sync_every),
+        "--ref-sync-every needs full fine-tuning: with LoRA the reference is the base model "
+        "itself. Set one of them to 0.",
+    )
+    check_sources(cfg.model, cfg.dataset, built_in_datasets)
+
+
+def check_run(cfg, built_in_datasets: tuple[str, ...] = ()):
+    """(cfg, device): the flags checked, the device found, --compile settled for it, and the
+    output folder checked (a new run, or one to resume), all before anything loads."""
+    check_config(cfg, built_in_datasets)
+    device = pick_device(cfg.device)
+    if cfg.compile is None:
+        cfg = replace(cfg, compile=compiles_by_default(device))
+    check_output_dir(cfg)
+    return cfg, device
