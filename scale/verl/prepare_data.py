@@ -17,6 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import rewards  # noqa: E402
+from machinery.flags import ConfigError  # noqa: E402
 
 
 def verl_rows(rows: list[dict], data_source: str, split: str) -> list[dict]:
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
             args.seed,
             args.example_turn,
         )
-    except rewards.ConfigError as error:
+    except ConfigError as error:
         sys.exit(f"prepare_data.py: error: {error}")
     print("\n".join(f"{split}: {path}" for split, path in paths.items()))
 
