@@ -50,6 +50,7 @@ import rewards
 from machinery.checkpoints import (
     latest_checkpoint,
     resume_run,
+    said_on_ctrl_c,
     save_checkpoint,
     stop_run,
     until_ctrl_c,
@@ -554,6 +555,18 @@ def evaluate(
     return {"accuracy": sum(correct) / n, "format_rate": sum(formatted) / n, "n": len(rows)}
 
 
+def load_data(cfg: Config) -> tuple[list[dict], list[dict]]:
+    """The training rows, and the first `eval_size` held-out rows (all of them if fewer: said)."""
+    settings = (cfg.dataset_config, cfg.arithmetic_max, cfg.seed, cfg.example_turn)
+    train_rows = rewards.load_dataset_rows(cfg.dataset, "train", *settings)
+    held_out = rewards.load_dataset_rows(cfg.dataset, "test", *settings)
+    if len(held_out) < cfg.eval_size:
+        print(
+            f"note: --eval-size {cfg.eval_size}: the held-out set has {len(held_out)}; all are used"
+        )
+    return train_rows, held_out[: cfg.eval_size]
+
+
 def train(cfg: Config) -> dict:
     """Run GRPO as configured (the paper's Algorithm 1, one outer iteration); return results."""
     cfg, device = check_run(cfg, rewards.BUILT_IN_TASKS)  # every check before any loading
@@ -561,9 +574,7 @@ def train(cfg: Config) -> dict:
     autocast = autocast_for(device, cfg.precision)
     torch.manual_seed(cfg.seed)
     quiet_libraries()
-    data = (cfg.dataset_config, cfg.arithmetic_max, cfg.seed, cfg.example_turn)  # bad data first
-    train_rows = rewards.load_dataset_rows(cfg.dataset, "train", *data)
-    eval_rows = rewards.load_dataset_rows(cfg.dataset, "test", *data)[: cfg.eval_size]
+    train_rows, eval_rows = load_data(cfg)  # bad data fails before the models load
     resume_from = latest_checkpoint(output_dir) if cfg.resume else None
     example = rewards.make_prompt("What is 1 + 1?")  # the model's chat template must format it
     tokenizer = load_tokenizer(str(resume_from or cfg.model), cfg.trust_remote_code, example)
@@ -593,6 +604,7 @@ def train(cfg: Config) -> dict:
             if cfg.save_every and completed % cfg.save_every == 0:
                 save_checkpoint(output_dir, completed, *to_save)
     except (FloatingPointError, KeyboardInterrupt) as stop:  # a NaN, or Ctrl-C
+        bar.close()
         stop_run(output_dir, completed, stop, *to_save)
     bar.close()
     results["final_checkpoint"] = str(save_checkpoint(output_dir, cfg.max_steps, *to_save))
@@ -606,11 +618,15 @@ def train(cfg: Config) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
+    cfg = None
     try:
-        train(parse_args(Config, argv))
+        cfg = parse_args(Config, argv)
+        train(cfg)
     except ConfigError as error:  # to stderr, exit code 2: as argparse's own errors
         print(f"grpo.py: error: {error}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # outside the loop (loading, evaluating): what is kept, one line
+        sys.exit(said_on_ctrl_c(cfg))
 
 
 if __name__ == "__main__":

@@ -356,7 +356,7 @@ def load_dataset_rows(
     else:
         raw = load_question_answer_rows(source, split, dataset_config)
     example = EXAMPLE_TURN_STEPS if BUILT_IN_TASKS.get(source) == 3 else EXAMPLE_TURN
-    return [
+    rows = [
         {
             "question": r["question"],
             "prompt": make_prompt(r["question"], example_turn, example),
@@ -364,6 +364,26 @@ def load_dataset_rows(
         }
         for r in raw
     ]
+    check_answers(rows, f"--dataset {source!r} ({split})")
+    return rows
+
+
+def check_answers(rows: list[dict], name: str) -> None:
+    """Every gold answer should be a number: no reply can earn the answer reward of one that is
+    not. Such rows are kept (the format reward still teaches) and counted; none readable: refused."""
+    unreadable = [i for i, row in enumerate(rows) if parse_number(row["answer"]) is None]
+    if not unreadable:
+        return
+    first = f"row {unreadable[0] + 1}: {rows[unreadable[0]]['answer']!r}"
+    if len(unreadable) == len(rows):
+        raise ConfigError(
+            f"{name}: no answer is a number ({first}); the answer reward compares the reply's "
+            "final number with it. Give each row a numeric 'answer'."
+        )
+    print(
+        f"note: {name}: {len(unreadable)} of {len(rows)} answers are no number ({first}); no reply "
+        "can earn their answer reward. They are kept; fix or drop them for a cleaner signal."
+    )
 
 
 def rows_for_step(rows: list[dict], step: int, prompts_per_step: int, seed: int) -> list[dict]:

@@ -1,7 +1,7 @@
 """
-Check your Part 1 with the project's own tests (test_grpo.py), one exercise at a time:
+Check your functions with the project's own tests (test_grpo.py), one exercise at a time:
 
-  python exercises/check.py group_advantages         # one exercise, on exercises/part1.py
+  python exercises/check.py group_advantages         # one exercise, on exercises/mine.py
   python exercises/check.py                          # every exercise, in order
   python exercises/check.py --file my_part1.py       # another file of yours
   python exercises/check.py --file grpo.py           # the solution: every test passes
@@ -144,6 +144,21 @@ class Swap:
             self.results.setdefault(item.name, {"passed": True, "error": None})
 
 
+STUBS = Path(__file__).parent / "part1.py"  # the pristine stubs: the suite checks them, keep them
+MINE = Path(__file__).parent / "mine.py"  # the learner's copy, made by the first check
+
+
+def learners_file(path: Path | None) -> Path:
+    """The file to check: --file's, or exercises/mine.py, copied from the stubs the first time
+    (so that writing your functions never touches the stubs the suite checks)."""
+    if path is not None:
+        return path
+    if not MINE.exists():
+        MINE.write_text(STUBS.read_text())
+        print(f"wrote {MINE}: your copy of the stubs. Write your functions there.")
+    return MINE
+
+
 def run(exercises: list[str], functions: dict, quiet: bool = False) -> dict:
     """Run the tests of `exercises` with `functions` in grpo.py's place: {test: outcome}."""
     swap = Swap(functions)
@@ -198,8 +213,7 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--file",
         type=Path,
-        default=Path(__file__).parent / "part1.py",
-        help="the file of your functions (default: exercises/part1.py)",
+        help="the file of your functions (default: exercises/mine.py, made from part1.py)",
     )
     parser.add_argument(
         "--mistakes",
@@ -209,7 +223,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=Path, help="with --mistakes: also write the report here")
     args = parser.parse_args(argv)
     if args.mistakes:
-        report = catalogue(args.file)
+        report = catalogue(STUBS)
         for mistake in MISTAKES:
             caught = report["mistakes"][mistake.name]["caught_by"]
             print(
@@ -221,10 +235,11 @@ def main(argv=None) -> int:
         return 0 if all(m["caught_by"] for m in report["mistakes"].values()) else 1
     for unknown in set(args.exercises) - set(EXERCISES):
         parser.error(f"no exercise {unknown!r}; choose among {', '.join(EXERCISES)}")
-    if not args.file.exists():
-        parser.error(f"{args.file} does not exist: copy exercises/part1.py there, or pass --file")
+    file = learners_file(args.file)
+    if not file.exists():
+        parser.error(f"{file} does not exist: pass your file with --file")
     exercises = args.exercises or list(EXERCISES)
-    results = run(exercises, learner_functions(args.file, exercises))
+    results = run(exercises, learner_functions(file, exercises))
     print()
     for exercise in exercises:
         outcomes = [

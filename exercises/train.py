@@ -1,12 +1,12 @@
 """
-Train with your Part 1: grpo.py's loop, with your functions in place of grpo.py's own.
+Train with your functions: grpo.py's loop, with yours in place of grpo.py's own.
 
   python exercises/train.py --model SMOLLM2_FOLDER --dataset arithmetic --prompts-per-step 3 \\
     --max-completion-length 64 --learning-rate 5e-6 --max-steps 80 --save-every 0 --kl-estimator k3
 
 Every flag but the two below is grpo.py's (python grpo.py --help). The run writes what grpo.py's
 writes, curves.png included, to --output-dir.
-  --file PATH      your functions (default: exercises/part1.py); all of them must be written
+  --file PATH      your functions (default: exercises/mine.py); all of them must be written
   --mistake NAME   instead: grpo.py's functions with one mistake of exercises/mistakes.py in place
 """
 
@@ -17,7 +17,12 @@ import sys
 import textwrap
 from pathlib import Path
 
-from check import EXERCISES, learner_functions, with_mistake  # (check.py puts grpo.py on the path)
+from check import (  # (check.py puts grpo.py on the path)
+    EXERCISES,
+    MINE,
+    learner_functions,
+    with_mistake,
+)
 from mistakes import MISTAKES
 
 import grpo  # noqa: E402
@@ -32,7 +37,7 @@ def is_stub(function) -> bool:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--file", type=Path, default=Path(__file__).parent / "part1.py")
+    parser.add_argument("--file", type=Path, default=MINE)
     parser.add_argument("--mistake", choices=[m.name for m in MISTAKES])
     args, grpo_flags = parser.parse_known_args(argv)
     if {"-h", "--help"} & set(grpo_flags):
@@ -42,7 +47,10 @@ def main(argv: list[str] | None = None) -> None:
         functions, source = with_mistake(mistake), f"mistake {mistake.name}: {mistake.what}"
     else:
         if not args.file.exists():
-            parser.error(f"{args.file} does not exist: pass your file with --file")
+            parser.error(
+                f"{args.file} does not exist: python exercises/check.py makes it (your copy of "
+                "the stubs), or pass your file with --file"
+            )
         functions, source = learner_functions(args.file, list(EXERCISES)), str(args.file)
         stubs = [name for name, function in functions.items() if is_stub(function)]
         if stubs:

@@ -32,9 +32,21 @@ def run_config(output_dir: Path) -> dict:
     return json.loads(path.read_text()).get("config") or {} if path.exists() else {}
 
 
+def finished(output_dir: Path, step: int) -> bool:
+    """Whether the run ended at `step`: its final checkpoint saved and evaluated (train writes
+    "steps" last); a run stopped in its last step, or in the final evaluation, has not."""
+    path = output_dir / "results.json"
+    return path.exists() and json.loads(path.read_text()).get("steps") == step
+
+
 def check_output_dir(cfg) -> None:
-    """A fresh output_dir; with --resume, a run there of the same settings but CHANGEABLE's."""
+    """A fresh output_dir; with --resume, a run there of the same settings but CHANGEABLE's, with
+    steps to go or not finished (a run stopped in its last step is finished by --resume)."""
     out = Path(cfg.output_dir)
+    require(
+        not out.exists() or out.is_dir(),
+        f"--output-dir {out} is a file. Pass a folder: a new one, or a run's to --resume.",
+    )
     latest = latest_checkpoint(out)
     started = latest is not None or (out / "metrics.jsonl").exists()
     from_zero = " (no checkpoint yet: from step 0)" if latest is None else ""
@@ -50,7 +62,7 @@ def check_output_dir(cfg) -> None:
     run = run_config(out) if cfg.resume else {}
     step = json.loads((latest / "trainer_state.json").read_text())["step"] if latest else 0
     require(
-        cfg.max_steps > step,
+        cfg.max_steps > step or (cfg.max_steps == step and not finished(out, step)),
         f"--resume: the run in {out} is already at step {step}; pass a larger --max-steps.",
     )
     differ = [
@@ -127,10 +139,12 @@ def until_ctrl_c(steps):
 
     previous = signal.signal(signal.SIGINT, on_ctrl_c)
     try:
-        for step in steps:
-            yield step
-            if pressed:  # the step is whole: the loop's Ctrl-C handling saves it
+        for step in steps:  # (asking `steps` for the next one counts the step before as done)
+            if pressed:  # the step before is whole: the loop's Ctrl-C handling saves it
                 raise KeyboardInterrupt
+            yield step
+        if pressed:  # in the last step
+            raise KeyboardInterrupt
     finally:
         signal.signal(signal.SIGINT, previous)
 
@@ -146,3 +160,21 @@ def stop_run(output_dir: Path, completed: int, reason: BaseException, *to_save) 
     path = save_checkpoint(output_dir, completed, *to_save)
     plot_curves(output_dir / "metrics.jsonl", output_dir / "curves.png")
     sys.exit(f"\ninterrupted: saved {path}; continue with --resume --output-dir {output_dir}")
+
+
+def said_on_ctrl_c(cfg) -> str:
+    """One line for a Ctrl-C outside the training loop (loading, an evaluation): what is kept,
+    and the command that goes on from it."""
+    if cfg is None:
+        return "\ninterrupted: nothing was started."
+    out = Path(cfg.output_dir)
+    latest = latest_checkpoint(out) if out.is_dir() else None
+    if latest is None:
+        return "\ninterrupted before the first step: nothing to keep. Run the command again."
+    step = int(latest.name.split("-")[1])
+    if step >= cfg.max_steps:
+        return (
+            f"\ninterrupted: the weights of all {step} steps are saved in {latest}; "
+            f"--resume --output-dir {out} evaluates them and finishes the run."
+        )
+    return f"\ninterrupted: {latest} is kept; continue with --resume --output-dir {out}"

@@ -23,10 +23,30 @@ def check_sources(model: str, dataset: str, built_in: tuple[str, ...] = ()) -> N
             raise ConfigError(
                 f"--{name} {source!r}: no such {what}. Check the path, or pass a Hub id."
             )
+        if name == "model" and exists:
+            check_model_folder(Path(source).expanduser(), source)
         if not exists and source not in built_in:
             from_hub.append(f"--{name} {source}")
     if from_hub:
         look_at_the_hub(from_hub)
+
+
+def check_model_folder(folder: Path, name: str) -> None:
+    """A model folder holds config.json, safetensors weights and a tokenizer (as save_pretrained
+    writes them): name what is missing now, not through a loader's error about something else."""
+    files = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
+    missing = []
+    if "config.json" not in files:
+        missing.append("config.json")
+    if not any(f.endswith(".safetensors") for f in files):
+        missing.append("safetensors weights (model.safetensors)")
+    if not files & {"tokenizer.json", "tokenizer.model", "vocab.json"}:
+        missing.append("a tokenizer (tokenizer.json)")
+    if missing:
+        raise ConfigError(
+            f"--model {name!r} is no model folder: it has no {', '.join(missing)}. Pass a folder "
+            "that save_pretrained wrote (config.json, safetensors weights, tokenizer), or a Hub id."
+        )
 
 
 def look_at_the_hub(needed: list[str]) -> None:

@@ -56,6 +56,7 @@ def test_prompt_cache_gives_the_plain_forward_pass(lively):
 
 
 # torch.compile's own tracing touches torch.jit, which torch 2.13 marks deprecated: torch's notice, not a call of ours.
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 def test_the_compiled_decoding_step_draws_the_eager_loops_tokens_and_compiles_once_per_shape(
     lively,

@@ -4,14 +4,16 @@ rewards.py's data: JSON lines, the Hub's ids, the built-in tasks, the order of t
 
 import json
 import os
+from dataclasses import replace
 
 # Before huggingface_hub reads it (at import): the tests never touch the Hub.
 os.environ["HF_HUB_OFFLINE"] = "1"
 import pytest  # noqa: E402
 
+import grpo  # noqa: E402
 import rewards  # noqa: E402
 from machinery.flags import ConfigError  # noqa: E402
-from tests.conftest import write_jsonl  # noqa: E402
+from tests.conftest import tiny_config, write_jsonl  # noqa: E402
 
 # Data
 
@@ -225,3 +227,30 @@ def test_data_order_changes_with_the_epoch_and_the_seed():
         0, 0
     )  # a new order each epoch
     assert order(1, 0) != order(0, 0)  # the seed matters
+
+
+def test_an_eval_size_past_the_held_out_set_is_said(tiny_model_dir, tmp_path, capsys):
+    cfg = tiny_config(tiny_model_dir, tmp_path, eval_size=100_000)
+    _, eval_rows = grpo.load_data(cfg)
+    assert len(eval_rows) == 500  # the held-out sums of 0..49 + 0..49
+    assert (
+        "note: --eval-size 100000: the held-out set has 500; all are used"
+        in capsys.readouterr().out
+    )
+    grpo.load_data(replace(cfg, eval_size=500))
+    assert "note" not in capsys.readouterr().out
+
+
+def test_answers_that_are_no_number_are_counted_and_none_at_all_refused(tmp_path, capsys):
+    """No reply can earn the answer reward of "four": such rows are kept (their format reward still
+    teaches) and counted once, with the first; a file of only such rows is refused."""
+    rows = [{"question": "2 + 2?", "answer": "four"}, {"question": "1 + 1?", "answer": "2"}]
+    path = write_jsonl(tmp_path / "some.jsonl", rows)
+    assert len(rewards.load_dataset_rows(str(path), "train")) == 2
+    said = capsys.readouterr().out
+    assert "1 of 2 answers are no number (row 1: 'four')" in said and said.count("note") == 1
+    none = write_jsonl(tmp_path / "none.jsonl", rows[:1])
+    with pytest.raises(ConfigError, match="no answer is a number"):
+        rewards.load_dataset_rows(str(none), "train")
+    rewards.load_dataset_rows("arithmetic", "test")
+    assert capsys.readouterr().out == ""  # the built-in task's answers are all numbers

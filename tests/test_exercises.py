@@ -13,6 +13,8 @@ import sys
 # Before huggingface_hub reads it (at import): the tests never touch the Hub.
 os.environ["HF_HUB_OFFLINE"] = "1"
 
+import pytest  # noqa: E402
+
 import grpo  # noqa: E402
 from machinery import logs  # noqa: E402
 from tests.conftest import HERE, KL_GRADIENT_TABLE, run_cli  # noqa: E402
@@ -49,6 +51,7 @@ def test_the_exercise_file_holds_grpos_signatures_and_formulas_and_no_code():
     assert not train.is_stub(grpo.grpo_loss)
 
 
+@pytest.mark.slow
 def test_the_exercise_tests_pass_on_grpo_fail_on_the_stubs_and_catch_each_catalogued_mistake(
     tmp_path,
 ):
@@ -84,6 +87,7 @@ def test_the_exercise_tests_pass_on_grpo_fail_on_the_stubs_and_catch_each_catalo
         )
 
 
+@pytest.mark.slow
 def test_training_with_a_learners_functions_runs_them_and_gives_grpos_run(tiny_model_dir, tmp_path):
     """exercises/train.py with a learner's file whose functions are grpo.py's (each logging its calls): every one
     is called, and the run's metrics are grpo.py's own, number for number. Untouched stubs: refused at once."""
@@ -154,8 +158,9 @@ def test_training_with_a_learners_functions_runs_them_and_gives_grpos_run(tiny_m
         for run in ("grpo", "mine")
     ]
     assert untimed[0] == untimed[1] and len(untimed[0]) == 2
+    untouched = ["--file", str(EXERCISES_DIR / "part1.py")]  # a learner's file, nothing written
     stubs = subprocess.run(
-        [sys.executable, str(EXERCISES_DIR / "train.py"), *flags],
+        [sys.executable, str(EXERCISES_DIR / "train.py"), *untouched, *flags],
         env=env,
         capture_output=True,
         text=True,
@@ -185,3 +190,26 @@ def test_each_question_of_the_exercises_has_an_answer_that_names_the_tests_that_
         assert facts[answer[0]] in short, (answer[0], short)
         named = re.findall(r"`(test_\w+)`", answer.split("Checked by")[1])
         assert named and set(named) <= defined, (answer[0], named)
+
+
+def test_a_learners_file_is_their_own_copy_so_the_stubs_the_suite_checks_stay_pristine(
+    tmp_path, monkeypatch, capsys
+):
+    """The first check copies the stubs to the learner's file, once; every later check, and
+    train.py, read that file: writing in it never touches part1.py, which the suite checks."""
+    check, train = exercise_module("check"), exercise_module("train")
+    mine = tmp_path / "mine.py"
+    monkeypatch.setattr(check, "MINE", mine)
+    assert check.learners_file(None) == mine and mine.read_text() == check.STUBS.read_text()
+    assert "your copy of the stubs" in capsys.readouterr().out
+    written = "return rewards.flip(1).cumsum(dim=1).flip(1)  # mine"
+    mine.write_text(mine.read_text().replace('raise NotImplementedError("reward_to_go")', written))
+    assert check.learners_file(None) == mine and written in mine.read_text()  # never copied again
+    assert check.learners_file(tmp_path / "other.py") == tmp_path / "other.py"  # --file wins
+    assert (
+        check.STUBS == EXERCISES_DIR / "part1.py" and "mine.py" in (HERE / ".gitignore").read_text()
+    )
+    monkeypatch.setattr(train, "MINE", tmp_path / "absent.py")
+    with pytest.raises(SystemExit):
+        train.main(["--max-steps", "1"])
+    assert "python exercises/check.py makes it" in capsys.readouterr().err

@@ -4,6 +4,7 @@ Flags and checks (machinery/flags.py, cli.py, hub.py, loading.py): bad input is 
 
 import os
 import re
+import shutil
 import socket
 from dataclasses import fields
 
@@ -98,7 +99,7 @@ def test_a_local_folder_is_a_folder_and_a_path_is_never_a_hub_id(
 
 
 def test_without_the_hub_hub_ids_load_from_the_cache_at_once_and_say_what_to_do(
-    tmp_path, monkeypatch, capsys
+    tiny_model_dir, tmp_path, monkeypatch, capsys
 ):
     """The libraries retry an unreachable Hub for about a minute; one quick look instead (seen here: 48 s before
     the error, now a second), then the cache only, and a missing model names the ways to go on without the Hub."""
@@ -138,7 +139,7 @@ def test_without_the_hub_hub_ids_load_from_the_cache_at_once_and_say_what_to_do(
     assert looked == []  # the cache only: no connection tried, so no minute of retries
     looked.clear()
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    check_flags(Config(model=str(tmp_path), dataset="arithmetic"))  # nothing from the Hub: no look
+    check_flags(Config(model=str(tiny_model_dir), dataset="arithmetic"))  # no Hub id: no look
     assert (
         looked == []
         and not huggingface_hub.constants.HF_HUB_OFFLINE
@@ -183,20 +184,17 @@ def test_a_device_this_machine_lacks_is_rejected_at_once(tiny_model_dir, tmp_pat
     assert not (tmp_path / "run").exists()
 
 
-def test_unloadable_model_and_bad_data_fail_with_a_clear_message(tmp_path):
+def test_unloadable_model_and_bad_data_fail_with_a_clear_message(tiny_model_dir, tmp_path):
     not_a_model = tmp_path / "not_a_model"
     not_a_model.mkdir()
     result = run_main(
         "--model", str(not_a_model), "--dataset", "arithmetic", "--output-dir", str(tmp_path / "o")
     )
-    assert (
-        result.returncode != 0
-        and "cannot be loaded" in result.stderr
-        and "Traceback" not in result.stderr
-    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "is no model folder: it has no config.json, safetensors weights" in result.stderr
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"q": "?", "a": "1"}])
     result = run_main(
-        "--model", str(not_a_model), "--dataset", str(bad), "--output-dir", str(tmp_path / "o")
+        "--model", str(tiny_model_dir), "--dataset", str(bad), "--output-dir", str(tmp_path / "o")
     )
     assert (
         "lacks the key(s) ['answer', 'question']" in result.stderr
@@ -335,3 +333,29 @@ def test_load_tokenizer_runs_no_remote_code_unless_asked_and_pads_with_eos(
     assert str(refused.value).endswith(
         "Pass a Hub id or a local folder with config.json, weights and tokenizer."
     )
+
+
+def test_an_output_dir_that_is_a_file_is_refused_before_any_loading(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("not a folder")
+    monkeypatch.setattr(grpo, "load_tokenizer", lambda *a: pytest.fail("a tokenizer was loaded"))
+    result = run_main(
+        "--model", str(tiny_model_dir), "--dataset", "arithmetic", "--output-dir", str(a_file)
+    )
+    assert result.returncode == 2 and f"--output-dir {a_file} is a file" in result.stderr
+
+
+def test_a_model_folder_without_a_model_names_what_it_lacks(tiny_model_dir, tmp_path):
+    """Not transformers' guess ("You need to have sentencepiece or tiktoken installed")."""
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    shutil.copy(tiny_model_dir / "config.json", partial / "config.json")
+    with pytest.raises(ConfigError) as refused:
+        check_flags(Config(model=str(partial), dataset="arithmetic"))
+    assert "has no safetensors weights (model.safetensors), a tokenizer (tokenizer.json)" in str(
+        refused.value
+    )
+    assert "no config.json" not in str(refused.value)  # it has one: not named
+    check_flags(Config(model=str(tiny_model_dir), dataset="arithmetic"))  # a whole one passes

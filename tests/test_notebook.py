@@ -9,11 +9,14 @@ import re
 # Before huggingface_hub reads it (at import): the tests never touch the Hub.
 os.environ["HF_HUB_OFFLINE"] = "1"
 
+import pytest  # noqa: E402
+
 from tests.conftest import HERE, write_jsonl  # noqa: E402
 
 # The notebook runs top to bottom (on the tiny model, with tiny sizes)
 
 
+@pytest.mark.slow
 def test_notebook_runs_top_to_bottom(tiny_model_dir, tmp_path, monkeypatch):
     import nbformat
     from nbclient import NotebookClient

@@ -19,6 +19,7 @@ from machinery.flags import ConfigError  # noqa: E402
 from tests.conftest import run_cli, run_main, tiny_config  # noqa: E402
 
 
+@pytest.mark.slow
 def test_end_to_end_then_resume(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
     common = [
@@ -485,3 +486,83 @@ def test_reference_sync_copies_the_policy_and_is_checkpointed(tiny_model_dir, tm
     # Step 3 starts from the policy that the reference copied at step 2: its KL is exactly 0. A resume that
     # loaded the initial model as the reference instead would see the policy's two steps of drift.
     assert logs.read_jsonl(Path(cfg.output_dir) / "metrics.jsonl")[2]["kl"] == 0.0
+
+
+def small_run_flags(model_dir, out, steps: int) -> list[str]:
+    """The command line of a run of a few seconds on the tiny model, with both evaluations."""
+    sizes = (
+        "--prompts-per-step 2 --num-generations 4 --max-completion-length 8 --micro-batch-size 4"
+    )
+    evals = "--eval-size 4 --eval-batch-size 4 --device cpu --dataset arithmetic"
+    return [
+        *f"{sizes} {evals} --max-steps {steps}".split(),
+        *["--model", str(model_dir), "--output-dir", str(out)],
+    ]
+
+
+def test_ctrl_c_in_the_last_step_then_the_printed_command_finishes_the_run(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    """Stopped in its last step, the run is saved but not finished (no final checkpoint, no
+    evaluation after): the command it prints finishes it; then that command has nothing to do."""
+    import signal
+
+    real, calls = grpo.score_completions, []
+
+    def ctrl_c_in_step_3(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            signal.raise_signal(signal.SIGINT)  # as a terminal's Ctrl-C, in the last step
+        return real(*args)
+
+    monkeypatch.setattr(grpo, "score_completions", ctrl_c_in_step_3)
+    out = tmp_path / "run"
+    stopped = run_main(*small_run_flags(tiny_model_dir, out, 3))
+    assert "interrupted: saved" in stopped.stderr and "checkpoint-3" in stopped.stderr
+    assert "3/3" in stopped.stderr  # the progress bar counts the last step, done
+    command = stopped.stderr.split("continue with ")[1].split()
+    monkeypatch.setattr(grpo, "score_completions", real)
+    finished = run_main(*command)
+    assert finished.returncode == 0, finished.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert results["steps"] == 3 and {"before", "after"} <= set(results)
+    assert Path(results["final_checkpoint"]).name == "checkpoint-3"
+    assert [m["step"] for m in logs.read_jsonl(out / "metrics.jsonl")] == [1, 2, 3]
+    again = run_main(*command)
+    assert again.returncode == 2 and "already at step 3; pass a larger --max-steps" in again.stderr
+
+
+def test_ctrl_c_outside_the_loop_says_in_one_line_what_is_kept_and_how_to_go_on(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    """While the models load nothing is kept: one line, no traceback. In the final evaluation the
+    weights are saved: the line names them and the command that evaluates them, which works."""
+    out = tmp_path / "run"
+    real_load = grpo.load_policy_and_reference
+
+    def ctrl_c(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(grpo, "load_policy_and_reference", ctrl_c)
+    loading = run_main(*small_run_flags(tiny_model_dir, out, 2))
+    said = "interrupted before the first step: nothing to keep. Run the command again."
+    assert loading.returncode == 1 and loading.stderr.strip() == said
+    monkeypatch.setattr(grpo, "load_policy_and_reference", real_load)
+    real_evaluate, calls = grpo.evaluate, []
+
+    def ctrl_c_in_the_final_evaluation(*args):
+        calls.append(1)
+        if len(calls) == 2:  # the first is the evaluation before training
+            raise KeyboardInterrupt
+        return real_evaluate(*args)
+
+    monkeypatch.setattr(grpo, "evaluate", ctrl_c_in_the_final_evaluation)
+    stopped = run_main(*small_run_flags(tiny_model_dir, out, 2))  # the same command again
+    assert stopped.returncode == 1 and "Traceback" not in stopped.stderr
+    assert f"the weights of all 2 steps are saved in {out / 'checkpoint-2'}" in stopped.stderr
+    command = stopped.stderr.split("steps are saved in ")[1].split("; ")[1].split()[:3]
+    assert command == ["--resume", "--output-dir", str(out)]
+    monkeypatch.setattr(grpo, "evaluate", real_evaluate)
+    finished = run_main(*command)
+    assert finished.returncode == 0, finished.stderr
+    assert "after" in json.loads((out / "results.json").read_text())

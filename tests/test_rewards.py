@@ -236,6 +236,7 @@ def growth(score, text: str) -> float:
 LINEAR_GROWTH = 13
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ADVERSARIAL)
 def test_rewards_take_linear_time_on_adversarial_text(name):
     """8 times the text takes about 8 times as long, not 64 (quadratic): the backtracking these
@@ -248,6 +249,7 @@ def test_rewards_take_linear_time_on_adversarial_text(name):
     assert ratio < LINEAR_GROWTH, f"{name}: 8x the text took {ratio:.1f}x as long"
 
 
+@pytest.mark.slow
 def test_rewards_never_raise_and_stay_in_range_on_any_text():
     hypothesis = need("hypothesis")
     strategies = hypothesis.strategies
@@ -421,6 +423,7 @@ STEP_ADVERSARIAL = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", STEP_ADVERSARIAL)
 def test_steps_take_linear_time_on_adversarial_text(name):
     """As the other rewards (8 times the text, about 8 times as long): "=" is found by str.find,

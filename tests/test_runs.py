@@ -12,6 +12,8 @@ from pathlib import Path
 # Before huggingface_hub reads it (at import): the tests never touch the Hub.
 os.environ["HF_HUB_OFFLINE"] = "1"
 
+import pytest  # noqa: E402
+
 import grpo  # noqa: E402
 from machinery import logs, metrics  # noqa: E402
 from tests.conftest import DRAW_CURVES, SilentBar, fixed_rewards, said_in, tiny_config, write_jsonl  # noqa: E402
@@ -96,6 +98,7 @@ def test_a_run_says_nothing_deprecated(tiny_model_dir, tmp_path, monkeypatch, ca
 # Learning: the signs and the plumbing, end to end
 
 
+@pytest.mark.slow
 def test_a_tiny_model_learns_a_toy_task(tiny_model_dir, tmp_path):
     """Toy verifiable task: whatever the question, the answer is 7. A random 2-layer model
     starts near chance (its last number is rarely exactly 7); GRPO must push it up."""
