@@ -28,7 +28,9 @@ Where this file picks among variants or departs from the paper (each a flag):
   - `advantage`, the gradient coefficient (the paper's section 5.2): `grpo`; `online_rft`, 1 for a
     right answer, else 0 (eq. 10); `grpo_batch_std`, the batch's std (TRL's scale_rewards="batch").
   - `supervision process`: the paper's process supervision (section 4.1.3), the steps checked by
-    rules (rewards.py), not a learned reward model. `mini_batches`: verl's PPO mini-batches.
+    rules (rewards.py), not a learned reward model; Â = the outcome's, plus a token's step credit:
+    the least r̃ of the steps to come (`step_credit min`: PURE, arXiv 2504.15275; farming steps
+    pays nothing), or the paper's sum. `mini_batches`: verl's PPO mini-batches.
   - the reference can be reset to the policy every N steps (the paper's iterative GRPO); with
     LoRA (`--lora-r`) it is the policy with its adapter switched off.
   - rewards are rules, as DeepSeek-R1's (DeepSeekMath's RL used learned reward models); a reply
@@ -56,7 +58,13 @@ from machinery.checkpoints import (
     until_ctrl_c,
 )
 from machinery.cli import check_run, parse_args
-from machinery.decoding import compiled_decoder, decoder_for, prompt_cache, shared_prompt
+from machinery.decoding import (
+    compiled_decoder,
+    decoder_for,
+    end_of_reply_ids,
+    prompt_cache,
+    shared_prompt,
+)
 from machinery.devices import NO_FLOAT64, autocast_for, draw_without_float64, timed
 from machinery.flags import KL_ESTIMATORS, LOSS_TYPES, ConfigError
 from machinery.hub import quiet_libraries
@@ -84,6 +92,7 @@ class Config:
     mini_batches: int = 1  # optimizer steps per pass, each on 1/N of the batch (verl's)
     advantage: str = "grpo"  # gradient coefficient (Table 10): grpo, grpo_batch_std, online_rft
     supervision: str = "outcome"  # outcome: one reward per reply; process: one per step too
+    step_credit: str = "min"  # process: a token's credit, min (PURE) or sum (paper) of steps to go
     loss_type: str = "grpo"  # token aggregation: grpo (paper), dapo (token mean), dr_grpo
     ref_sync_every: int = 0  # copy the policy into the reference every N steps; 0 = never
     learning_rate: float = 1e-6  # AdamW learning rate (constant)
@@ -190,14 +199,6 @@ def generate_completions(
     return Rollout(prompt_ids, prompt_mask, completion_ids, mask, ~done, texts)
 
 
-def end_of_reply_ids(model, tokenizer) -> torch.Tensor:
-    """Every id that ends a reply: the model's (a chat model may have several; Qwen2.5: 2), EOS."""
-    ids = model.generation_config.eos_token_id
-    ids = [*(ids if isinstance(ids, list) else [ids]), tokenizer.eos_token_id]
-    device = next(model.parameters()).device
-    return torch.tensor(sorted({i for i in ids if i is not None}), device=device)
-
-
 def sample_tokens(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """One token per row from softmax(logits / temperature) by inverse CDF: one uniform number
     per row, not one per vocabulary entry. Temperature 0: the most likely token."""
@@ -246,25 +247,44 @@ def group_advantages(
 
 
 def process_advantages(
-    steps: list[list[tuple[int, float]]], group_size: int, length: int, eps: float = 1e-4
+    steps: list[list[tuple[int, float]]],
+    group_size: int,
+    length: int,
+    eps: float = 1e-4,
+    credit: str = "min",
+    std: bool = True,
 ) -> torch.Tensor:
     """Process supervision (the paper's section 4.1.3). steps[i]: (token index, reward) of each step
     of completion i. Each reward normalized over all steps of its group, r̃ = (r - mean(R)) /
-    (std(R) + eps); Â_it = Σ r̃ of the steps of completion i ending at t or after. [B, length]"""
-    normalized = torch.zeros(len(steps), length)  # [B, T]: r̃ at the token that ends its step
+    (std(R) + eps); Â_it = min of the r̃ of the steps of completion i ending at t or after (PURE's
+    min form), or their sum (credit="sum": the paper's); 0 after its last step. [B, length]"""
+    empty = torch.inf if credit == "min" else 0.0  # no step ends at this token
+    normalized = torch.full((len(steps), length), empty)  # [B, T]: r̃ at the token ending a step
     for g in range(0, len(steps), group_size):
         group = range(g, g + group_size)
         R = torch.tensor([r for i in group for _, r in steps[i]])  # the group's step rewards
         if R.unique().numel() > 1:  # one step, or equal rewards: Â = 0, as with outcomes
+            scale = R.std() + eps if std else 1.0  # Dr. GRPO: no std
             for i in group:
                 for t, r in steps[i]:
-                    normalized[i, t] += (r - R.mean()) / (R.std() + eps)
-    return reward_to_go(normalized)
+                    step = (r - R.mean()) / scale
+                    if credit == "sum":
+                        normalized[i, t] += step
+                    else:
+                        normalized[i, t] = torch.minimum(normalized[i, t], step)
+    if credit == "sum":
+        return reward_to_go(normalized)
+    return min_to_go(normalized).nan_to_num(posinf=0.0)  # no step to go: 0
 
 
 def reward_to_go(rewards: torch.Tensor) -> torch.Tensor:
     """[B, T] -> [B, T]: at t, the sum of the rewards at t and after it."""
     return rewards.flip(1).cumsum(dim=1).flip(1)
+
+
+def min_to_go(rewards: torch.Tensor) -> torch.Tensor:
+    """[B, T] -> [B, T]: at t, the least of the rewards at t and after it."""
+    return rewards.flip(1).cummin(dim=1).values.flip(1)
 
 
 def compute_advantages(rollout: Rollout, rows: list[dict], cfg: Config, tokenizer):
@@ -274,18 +294,21 @@ def compute_advantages(rollout: Rollout, rows: list[dict], cfg: Config, tokenize
     weights = {name: getattr(cfg, f"{name}_weight") for name in rewards.REWARD_FUNCTIONS}
     total, components = score_completions(rollout.texts, answers, weights)  # [B]
     std = "batch" if cfg.advantage == "grpo_batch_std" else "group"
-    advantages = group_advantages(total, G, "none" if cfg.loss_type == "dr_grpo" else std)
+    std = "none" if cfg.loss_type == "dr_grpo" else std  # Dr. GRPO: no std, of outcomes or steps
+    advantages = group_advantages(total, G, std)
     if cfg.advantage == "online_rft":  # the paper's eq. 10: 1 for a right answer, else 0
         advantages = components["answer"]
-    if cfg.supervision == "process":  # the reply's reward is its last step's: the answer's
+    if cfg.supervision == "process":  # the outcome's Â on every token, plus the steps' to go
         lengths = rollout.completion_mask.sum(dim=1).tolist()  # [B]
         steps = [
-            [*rewards.step_token_ends(tokenizer, ids[:n], text), (n - 1, reward)]
-            for ids, n, text, reward in zip(
-                rollout.completion_ids.tolist(), lengths, rollout.texts, total.tolist()
+            rewards.step_token_ends(tokenizer, ids[:n], text, cut)  # a cut-off last line: no step
+            for ids, n, text, cut in zip(
+                rollout.completion_ids.tolist(), lengths, rollout.texts, rollout.truncated.tolist()
             )
         ]
-        advantages = process_advantages(steps, G, rollout.completion_ids.shape[1])  # [B, T]
+        T = rollout.completion_ids.shape[1]
+        step_part = process_advantages(steps, G, T, credit=cfg.step_credit, std=std != "none")
+        advantages = advantages[:, None] + step_part  # [B, T]
     return total, components, advantages
 
 
@@ -336,18 +359,12 @@ def per_token_logps(
 def frozen_logps(model, input_ids, attention_mask, completion_length: int, cfg: Config, autocast):
     """Log-probs that the update does not change (old policy, reference), in micro-batches."""
     mb = cfg.micro_batch_size
+    settings = (completion_length, cfg.temperature, cfg.logp_chunk_size)
     chunks = []
     with torch.no_grad(), autocast:
         for i in range(0, len(input_ids), mb):
             chunks.append(
-                per_token_logps(
-                    model,
-                    input_ids[i : i + mb],
-                    attention_mask[i : i + mb],
-                    completion_length,
-                    cfg.temperature,
-                    cfg.logp_chunk_size,
-                )
+                per_token_logps(model, input_ids[i : i + mb], attention_mask[i : i + mb], *settings)
             )
     return torch.cat(chunks)  # [B, T]
 
@@ -481,16 +498,8 @@ def grpo_step(
     device = next(policy.parameters()).device
     with timed(times, "time/generate", device):  # 1. G completions per question
         prompts = [r["prompt"] for r in rows]
-        rollout = generate_completions(
-            policy,
-            tokenizer,
-            prompts,
-            cfg.num_generations,
-            cfg.max_completion_length,
-            cfg.temperature,
-            autocast,
-            cfg.compile,
-        )
+        sampling = (cfg.num_generations, cfg.max_completion_length, cfg.temperature, autocast)
+        rollout = generate_completions(policy, tokenizer, prompts, *sampling, cfg.compile)
     with timed(times, "time/score", device):  # 2. rewards, 3. advantages within each group
         total, components, advantages = compute_advantages(rollout, rows, cfg, tokenizer)
     # 4. Log-probs fixed during the update: old policy (mu or mini-batches > 1), reference (beta).

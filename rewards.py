@@ -24,7 +24,8 @@ For process supervision (DeepSeekMath, section 4.1.3), a reward for each step of
                    its arithmetic holds (exact fractions, a small parser: never eval)
   step_reward      the steps as one reward per reply: 0.2 for each distinct equation that holds,
                    at most 1.0 (weighted by --step-weight, 0 by default)
-  step_token_ends  where each step ends in the reply's tokens, for grpo.py's per-token advantages
+  credited_steps   the steps process supervision credits: distinct, computing, not cut off
+  step_token_ends  where each credited step ends in the reply's tokens, for per-token advantages
   step_statistics  steps per reply, how many hold, how many repeat an earlier one (logged)
 """
 
@@ -221,16 +222,36 @@ def reasoning_steps(completion: str) -> list[tuple[int, int, float]]:
     return steps
 
 
-def step_token_ends(tokenizer, ids: list[int], text: str) -> list[tuple[int, float]]:
-    """(token index, reward) of each step of `text` = tokenizer.decode(ids): a step's last character
-    is in the first token whose prefix decodes that far (a bisection: log |ids| decodes a step)."""
+OPERATION = re.compile(r"[\d)]\s*[-+*/×÷\u2212]\s*[\d(.]")  # an operator between two operands
 
-    def decoded(k):  # the length of the text of the first k + 1 tokens
-        return len(tokenizer.decode(ids[: k + 1], skip_special_tokens=True))
+
+def credited_steps(completion: str, truncated: bool = False) -> list[tuple[int, int, float]]:
+    """The steps that process supervision credits, as reasoning_steps gives them: each distinct
+    line once (a repeat proves nothing new), only lines that compute something ("14 + 7 = 21",
+    not "1 = 1"), and not the last line of a truncated reply if the cut fell in it."""
+    seen, steps = set(), []
+    for start, end, reward in reasoning_steps(completion):
+        line = completion[start:end].strip()
+        cut = truncated and end >= len(completion)  # no newline after it: the cut fell in it
+        if line not in seen and OPERATION.search(line) and not cut:
+            steps.append((start, end, reward))
+        seen.add(line)
+    return steps
+
+
+def step_token_ends(
+    tokenizer, ids: list[int], text: str, truncated: bool = False
+) -> list[tuple[int, float]]:
+    """(token index, reward) of each credited step of `text` = tokenizer.decode(ids): the first
+    token whose prefix decodes to the whole line, its last character whole (a character of several
+    bytes over two tokens decodes to U+FFFD until its last byte). A bisection: log |ids| decodes."""
+
+    def decoded(k):  # the length of the text of the first k + 1 tokens, whole characters only
+        return len(tokenizer.decode(ids[: k + 1], skip_special_tokens=True).rstrip("\ufffd"))
 
     return [
         (bisect.bisect_left(range(len(ids)), end, key=decoded), reward)
-        for _, end, reward in reasoning_steps(text)
+        for _, end, reward in credited_steps(text, truncated)
     ]
 
 

@@ -271,12 +271,12 @@ def test_reward_to_go_sums_each_rows_rewards_from_t_on():
 
 
 def test_process_advantages_reference_values():
-    """The paper's section 4.1.3 by hand. Group 1 (G = 2, T = 6): completion 0 has steps ending at tokens 1, 3, 5
+    """The paper's section 4.1.3 by hand, its sum of the steps to go (credit="sum"). Group 1 (G = 2, T = 6): completion 0 has steps ending at tokens 1, 3, 5
     (rewards 1, 0, 1.5; the last is its answer's), completion 1 only its answer's, 0, at token 4 (a shorter reply,
     no checked step). R = [1, 0, 1.5, 0]: mean 0.625, sample std 0.75, so r̃ = (r - 0.625) / 0.7501. Â_it sums the
     r̃ of its steps ending at t or after: 0 after a reply's last step. Group 2: equal rewards: Â = 0 exactly."""
     steps = [[(1, 1.0), (3, 0.0), (5, 1.5)], [(4, 0.0)], [(0, 1.0), (2, 1.0)], [(5, 1.0)]]
-    advantages = grpo.process_advantages(steps, group_size=2, length=6)
+    advantages = grpo.process_advantages(steps, group_size=2, length=6, credit="sum")
     r1, r0, r15 = 0.499933, -0.833222, 1.166511  # r̃ of 1, 0 and 1.5
     expected = torch.tensor(
         [
@@ -296,6 +296,18 @@ def test_process_advantages_reference_values():
     )
     assert advantages[2:].eq(0).all(), (
         "a group whose step rewards are all equal must give exactly 0"
+    )
+    least = grpo.process_advantages(steps, group_size=2, length=6)  # the default: PURE's min
+    expected = torch.tensor(
+        [[r0, r0, r0, r0, r15, r15], [r0, r0, r0, r0, r0, 0.0], [0.0] * 6, [0.0] * 6]
+    )
+    close(
+        least,
+        expected,
+        "min form: Â_it = the least r̃ of the steps of completion i ending at t or after (one "
+        "step's credit at most, so more steps never add up); 0 after its last step",
+        atol=1e-5,
+        rtol=0,
     )
 
 
@@ -324,16 +336,25 @@ def test_process_advantages_normalize_each_group_apart_and_sum_steps_ending_toge
         [(1, 0.5), (1, 1.0)],
     ]  # the second reply's two steps end at token 1
     two = [[(2, 3.0)], [(0, 0.0), (2, 1.0)]]
-    both = grpo.process_advantages(one + two, group_size=2, length=3)
+    both = grpo.process_advantages(one + two, group_size=2, length=3, credit="sum")
+    apart = [grpo.process_advantages(g, 2, 3, credit="sum") for g in (one, two)]
     close(
         both,
-        torch.cat([grpo.process_advantages(one, 2, 3), grpo.process_advantages(two, 2, 3)]),
+        torch.cat(apart),
         "each group's steps are normalized by its own mean and std: another group must not change them",
     )
     R = torch.tensor([1.0, 0.0, 0.5, 1.0])
     summed = ((0.5 - R.mean()) + (1.0 - R.mean())) / (R.std() + 1e-4)
     close(both[1, :2], summed.expand(2), "two steps that end at the same token both count")
     assert both[1, 2] == 0, "after a reply's last step Â is 0"
+    least = grpo.process_advantages(one, 2, 3)
+    close(
+        least[1, :2],
+        ((0.5 - R.mean()) / (R.std() + 1e-4)).expand(2),
+        "min form: of two steps ending at the same token, the lesser counts",
+    )
+    unscaled = grpo.process_advantages(one, 2, 3, std=False)  # Dr. GRPO: no std
+    close(unscaled[0], torch.tensor([-0.625] * 3), "std=False: r̃ = r - mean(R), here 0 - 0.625")
     for steps, size in (
         ([[(1, 1.0)]], 1),
         ([[], []], 2),
@@ -352,6 +373,33 @@ def test_process_advantages_normalize_each_group_apart_and_sum_steps_ending_toge
         atol=1e-5,
         rtol=0,
     )  # ±0.5 / 0.7072
+
+
+@pytest.mark.parametrize("credit", ["min", "sum"])
+def test_one_more_true_step_never_lowers_a_token_and_one_more_wrong_step_never_raises_one(credit):
+    """Property, over random groups: two replies of one group alike but for one step, true (the
+    group's best reward) or wrong (its worst): at every token the one with the true step has Â
+    at least the other's, the one with the wrong step at most. Each step's reward is 0 or 1."""
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+    T = 8
+    reply = st.lists(st.tuples(st.integers(0, T - 1), st.sampled_from([0.0, 1.0])), max_size=4)
+
+    @hypothesis.settings(max_examples=150, deadline=None)
+    @hypothesis.given(
+        st.lists(reply, min_size=0, max_size=3), reply, st.integers(0, T - 1), st.booleans()
+    )
+    def check(others, base, t, true):
+        changed = sorted([*base, (t, 1.0 if true else 0.0)])
+        group = [base, changed, *others]
+        advantages = grpo.process_advantages(group, len(group), T, credit=credit)
+        gap = advantages[1] - advantages[0]  # the changed reply's Â minus its twin's
+        assert (gap >= -1e-6).all() if true else (gap <= 1e-6).all(), (
+            f"one more {'true' if true else 'wrong'} step must never "
+            f"{'lower' if true else 'raise'} a token's Â ({credit}): {group}, gap {gap.tolist()}"
+        )
+
+    check()
 
 
 # Log-probs

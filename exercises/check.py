@@ -50,6 +50,8 @@ EXERCISES = {
         "test_process_advantages_reference_values",
         "test_process_advantages_without_steps_are_the_outcome_advantages",
         "test_process_advantages_normalize_each_group_apart_and_sum_steps_ending_together",
+        "test_one_more_true_step_never_lowers_a_token_and_one_more_wrong_step_never_raises_one[min]",
+        "test_one_more_true_step_never_lowers_a_token_and_one_more_wrong_step_never_raises_one[sum]",
     ],
     "per_token_logps": [
         "test_per_token_logps_equals_plain_log_softmax[1024-1.0-False]",

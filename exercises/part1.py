@@ -13,7 +13,7 @@ grpo.py's loop calls your functions in place of its own when you train with them
 import torch
 from torch.utils.checkpoint import checkpoint  # noqa: F401  (per_token_logps's chunks)
 
-from grpo import KL_ESTIMATORS, LOSS_TYPES  # noqa: F401  (the kinds kl_estimate and grpo_loss take)
+from grpo import KL_ESTIMATORS, LOSS_TYPES, min_to_go  # noqa: F401  (the kinds kl_estimate and grpo_loss take)
 
 
 # ---- 1. Sampling ---------------------------------------------------------------------------------
@@ -59,15 +59,22 @@ def reward_to_go(rewards: torch.Tensor) -> torch.Tensor:
 
 
 def process_advantages(
-    steps: list[list[tuple[int, float]]], group_size: int, length: int, eps: float = 1e-4
+    steps: list[list[tuple[int, float]]],
+    group_size: int,
+    length: int,
+    eps: float = 1e-4,
+    credit: str = "min",
+    std: bool = True,
 ) -> torch.Tensor:
     """Process supervision (the paper's section 4.1.3). steps[i]: (token index, reward) of each step
     of completion i. Each reward normalized over all steps of its group, r̃ = (r - mean(R)) /
-    (std(R) + eps); Â_it = Σ r̃ of the steps of completion i ending at t or after. [B, length]
+    (std(R) + eps); Â_it = min of the r̃ of the steps of completion i ending at t or after (PURE's
+    min form), or their sum (credit="sum": the paper's); 0 after its last step. [B, length]
 
-    R: every step reward of the group's G completions together, the sample std. A group of one
-    step, of none, or whose step rewards are all equal gives Â = 0 exactly. Two steps may end at
-    the same token: both count. Use your reward_to_go."""
+    R: every step reward of the group's G completions together, the sample std; std=False: no
+    division (Dr. GRPO). A group of one step, of none, or whose step rewards are all equal gives
+    Â = 0 exactly. Two steps may end at the same token: both count (their sum; for min, the
+    lesser). Use your reward_to_go for the sum and grpo's min_to_go for the min."""
     raise NotImplementedError("process_advantages")
 
 

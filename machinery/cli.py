@@ -62,6 +62,11 @@ def check_config(cfg, built_in_datasets: tuple[str, ...] = ()) -> None:
         "--advantage grpo.",
     )
     require(
+        not (cfg.loss_type == "dr_grpo" and cfg.advantage == "grpo_batch_std"),
+        "--loss-type dr_grpo drops the std from Â (Dr. GRPO), the batch's too: --advantage "
+        "grpo_batch_std would be discarded. Use one of them.",
+    )
+    require(
         not (cfg.lora_r and cfg.ref_sync_every),
         "--ref-sync-every needs full fine-tuning: with LoRA the reference is the base model "
         "itself. Set one of them to 0.",

@@ -9,6 +9,15 @@ from transformers import StaticCache
 from machinery.logs import say_once
 
 
+def end_of_reply_ids(model, tokenizer) -> torch.Tensor:
+    """[E] every id that ends a reply: the model's (a chat model may have several; Qwen2.5: 2),
+    and the tokenizer's EOS."""
+    ids = model.generation_config.eos_token_id
+    ids = [*(ids if isinstance(ids, list) else [ids]), tokenizer.eos_token_id]
+    device = next(model.parameters()).device
+    return torch.tensor(sorted({i for i in ids if i is not None}), device=device)
+
+
 def prompt_cache(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, repeats: int):
     """Keys and values of each prompt but its last token, computed once and repeated for its G
     completions. The pass that takes the cache feeds the last token: it predicts the first one."""

@@ -31,6 +31,7 @@ CHOICES = {
     "kl_estimator": (*KL_ESTIMATORS, "k1_to_go"),
     "advantage": ("grpo", "grpo_batch_std", "online_rft"),
     "supervision": ("outcome", "process"),
+    "step_credit": ("min", "sum"),
     "precision": ("auto", "fp32", "bf16"),
     "device": ("auto", "cuda", "mps", "cpu"),
 }

@@ -130,6 +130,8 @@ def test_training_with_a_learners_functions_runs_them_and_gives_grpos_run(tiny_m
         "2",
         "--supervision",
         "process",
+        "--step-credit",
+        "sum",  # the paper's sum of the steps to go: through reward_to_go
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     theirs = run_cli(*flags, "--output-dir", str(tmp_path / "grpo"))

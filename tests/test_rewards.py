@@ -10,6 +10,8 @@ from fractions import Fraction
 os.environ["HF_HUB_OFFLINE"] = "1"
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from tokenizers import Tokenizer, decoders, models  # noqa: E402
+from transformers import PreTrainedTokenizerFast  # noqa: E402
 
 import grpo  # noqa: E402
 import rewards  # noqa: E402
@@ -494,7 +496,7 @@ def test_score_completions_weights_and_components():
 def test_step_token_ends_name_the_token_that_holds_each_steps_last_character():
     """Each step's token index k: the reply's tokens up to k decode to text that reaches the step's end, those
     before k do not. The reward is reasoning_steps' (1 holds, 0 does not)."""
-    text = "<reasoning>\nFirst, 3 × 4 = 12\nthen 12 - 2 = 11\nso 11 = 11</reasoning><answer>11</answer>"
+    text = "<reasoning>\nFirst, 3 × 4 = 12\nthen 12 - 2 = 11\nso 11 + 0 = 11</reasoning><answer>11</answer>"
     tokenizer = byte_level_tokenizer(text)
     ids = tokenizer(text, add_special_tokens=False).input_ids
     assert tokenizer.decode(ids, skip_special_tokens=True) == text and len(ids) < len(
@@ -536,3 +538,49 @@ def test_step_statistics_of_one_reply_with_one_step():
     assert (
         rewards.step_statistics(["<reasoning>\n2 + 2 = 5\n</reasoning>"])["steps/hold_frac"] == 0.0
     )
+
+
+def sentencepiece_tokenizer(text: str):
+    """A SentencePiece-style tokenizer, built offline: ▁ for spaces, one token per character seen
+    in `text`, and byte fallback for any other (an emoji: four byte tokens, <0xF0>...)."""
+    from tokenizers import normalizers
+
+    chars = sorted(set(text.replace(" ", "▁")) - {"😀", "✓"})
+    vocab = {"<unk>": 0, **{f"<0x{b:02X}>": 1 + b for b in range(256)}}
+    vocab |= {c: 257 + i for i, c in enumerate(chars)}
+    backend = Tokenizer(models.BPE(vocab, [], unk_token="<unk>", byte_fallback=True))
+    backend.normalizer = normalizers.Replace(" ", "▁")
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
+
+
+@pytest.mark.parametrize("kind", ["byte-level BPE", "SentencePiece, byte fallback"])
+def test_a_step_ending_in_a_character_of_several_bytes_maps_to_the_token_that_completes_it(kind):
+    """A step's token is the first whose prefix decodes to the whole line: a prefix that ends
+    inside an emoji's bytes decodes to U+FFFD, which is not the line's last character."""
+    text = "<reasoning>\n14 + 7 = 21 😀\n21 - 5 = 16 ✓\n</reasoning><answer>16</answer>"
+    tokenizer = byte_level_tokenizer("plain words") if kind == "byte-level BPE" else None
+    tokenizer = tokenizer or sentencepiece_tokenizer(text)
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    assert tokenizer.decode(ids, skip_special_tokens=True) == text
+    steps = rewards.credited_steps(text)
+    ends = rewards.step_token_ends(tokenizer, ids, text)
+    assert len(ends) == len(steps) == 2
+    for (k, _), (start, end, _) in zip(ends, steps):
+        prefix = tokenizer.decode(ids[: k + 1], skip_special_tokens=True)
+        assert prefix[start:end] == text[start:end] and "\ufffd" not in prefix, (kind, prefix)
+        assert text[start:end] not in tokenizer.decode(ids[:k], skip_special_tokens=True)
+
+
+def test_credited_steps_are_distinct_lines_that_compute_and_not_a_line_cut_off():
+    """Process supervision credits each distinct equation once, only one that computes something,
+    and never the last line of a truncated reply that the cut fell in (14 + 7 = 2 at the cut)."""
+    text = "<reasoning>\n1 = 1\n2 + 2 = 4\n2 + 2 = 4\n-3 = -3\n3 × 4 = 12\n14 + 7 = 2"
+    lines = [text[s:e] for s, e, _ in rewards.credited_steps(text)]
+    assert lines == ["2 + 2 = 4", "3 × 4 = 12", "14 + 7 = 2"]  # the last is wrong: 0
+    cut = [text[s:e] for s, e, _ in rewards.credited_steps(text, truncated=True)]
+    assert cut == ["2 + 2 = 4", "3 × 4 = 12"]  # cut in "14 + 7 = 2(1)": not a step
+    whole = text + "\n"  # the last line ended before the cut: a step, and a wrong one
+    assert [r for *_, r in rewards.credited_steps(whole, truncated=True)] == [1.0, 1.0, 0.0]

@@ -21,7 +21,13 @@ from grpo import (  # noqa: E402
 )
 from machinery import loading, logs  # noqa: E402
 from machinery.flags import ConfigError  # noqa: E402
-from tests.conftest import arithmetic_rows, check_flags, one_step, tiny_config  # noqa: E402
+from tests.conftest import (  # noqa: E402
+    arithmetic_rows,
+    byte_level_tokenizer,
+    check_flags,
+    one_step,
+    tiny_config,
+)
 
 
 @pytest.mark.parametrize("loss_type", grpo.LOSS_TYPES)
@@ -231,8 +237,9 @@ def test_grpo_step_passes_every_setting_to_the_loss(
 def test_process_supervision_in_a_step_gives_each_token_its_advantage(
     tiny_model_dir, tmp_path, monkeypatch
 ):
-    """grpo_step with --supervision process: the advantages are [B, T], the paper's formula over the steps that
-    rewards.py finds in the sampled replies, each reply's total reward as its last step, at its last token."""
+    """grpo_step with --supervision process: the advantages are [B, T], the outcome's Â (each
+    reply's total reward normalized in its group) on each token plus the steps' part, the steps
+    that rewards.py credits in the sampled replies, normalized over the group's steps."""
     text = "<reasoning>\n1 + 1 = 2\n2 + 2 = 5\n</reasoning><answer>2</answer>"
     replies = iter(
         [text, "x", text, "<answer>2</answer>"] * 2
@@ -254,19 +261,106 @@ def test_process_supervision_in_a_step_gives_each_token_its_advantage(
     tokenizer = loading.load_tokenizer(cfg.model)
     lengths = rollout.completion_mask.sum(dim=1).tolist()
     steps = [
-        [*rewards.step_token_ends(tokenizer, ids[:n], text), (n - 1, r)]
-        for ids, n, text, r in zip(
-            rollout.completion_ids.tolist(), lengths, rollout.texts, total.tolist()
+        rewards.step_token_ends(tokenizer, ids[:n], text, cut)
+        for ids, n, text, cut in zip(
+            rollout.completion_ids.tolist(), lengths, rollout.texts, rollout.truncated.tolist()
         )
     ]
-    assert [len(s) for s in steps] == [
-        3,
-        1,
-        3,
-        1,
-    ] * 2  # two checked steps (one true, one false) and the answer
-    torch.testing.assert_close(advantages, grpo.process_advantages(steps, cfg.num_generations, T))
+    assert [len(s) for s in steps] == [2, 0, 2, 0] * 2  # two credited steps: one true, one false
+    outcome = group_advantages(total, cfg.num_generations)[:, None]  # [B, 1]
+    expected = outcome + grpo.process_advantages(steps, cfg.num_generations, T)
+    torch.testing.assert_close(advantages, expected)
     assert not advantages.eq(0).all()
+
+
+def process_batch(texts: list[str], answer: str, truncated=None, **settings):
+    """compute_advantages on `texts`, one group, tokenized by a byte-level BPE: (Â [G, T], steps)."""
+    tokenizer = byte_level_tokenizer(" ".join(texts))
+    ids = [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
+    T = max(map(len, ids))
+    completion_ids = torch.tensor([i + [0] * (T - len(i)) for i in ids])  # [G, T]
+    mask = torch.tensor([[1] * len(i) + [0] * (T - len(i)) for i in ids])  # [G, T]
+    cut = torch.tensor(truncated or [False] * len(texts))
+    empty = torch.zeros(len(texts), 1, dtype=torch.long)
+    rollout = grpo.Rollout(empty, empty, completion_ids, mask, cut, texts)
+    cfg = grpo.Config(num_generations=len(texts), supervision="process", **settings)
+    _, _, advantages = grpo.compute_advantages(rollout, [{"answer": answer}], cfg, tokenizer)
+    return advantages, mask
+
+
+def reply(steps: list[str], answer: str) -> str:
+    return "<reasoning>\n" + "\n".join(steps) + f"\n</reasoning>\n<answer>\n{answer}\n</answer>"
+
+
+def test_in_a_group_of_right_answers_more_true_steps_never_get_less_credit():
+    """The review's case: four right replies with 0, 1, 2 and 3 true steps. Pooling the outcome
+    with the steps gave first tokens +1.16, +0.39, -0.39, -1.16: the more correct reasoning, the
+    less credit. Now never less (here all 0: every step holds, so no step beats another); and with
+    a wrong step in the group, a true one earns more than none."""
+    true = ["1 + 2 = 3", "3 + 4 = 7", "7 + 5 = 12"]
+    advantages, _ = process_batch([reply(true[:k], "12") for k in range(4)], "12")
+    first = advantages[:, 0].tolist()
+    assert first == sorted(first), first
+    mixed = [reply([], "12"), reply(true[:1], "12"), reply(["1 + 2 = 4"], "12"), reply(true, "12")]
+    advantages, _ = process_batch(mixed, "12")
+    first = advantages[:, 0].tolist()
+    assert first[2] < first[0] < first[1] <= first[3], first
+
+
+@pytest.mark.parametrize("farm", ["1 = 1", "2 + 2 = 4"])
+def test_farming_trivial_or_repeated_equations_never_beats_a_clean_right_reply(farm):
+    """A wrong answer after 40 lines of `1 = 1` (no operation: no step) or of one true equation
+    repeated (credited once): at no token above the clean right reply, whose steps hold."""
+    clean = reply(["14 + 7 = 21", "21 - 5 = 16"], "16")
+    farmer = reply([farm] * 40, "3")
+    sloppy = reply(["14 + 7 = 22", "22 - 5 = 17"], "17")
+    advantages, mask = process_batch([clean, farmer, sloppy, sloppy], "16")
+    best_of_farmer = advantages[1][mask[1].bool()].max()
+    worst_of_clean = advantages[0][mask[0].bool()].min()
+    assert best_of_farmer < worst_of_clean, (best_of_farmer, worst_of_clean)
+
+
+def test_with_equal_outcomes_and_equal_steps_every_advantage_is_zero():
+    texts = [reply(["1 + 2 = 3", "3 + 4 = 7"], "7")] * 2 + [reply(["2 + 2 = 4"], "7")] * 2
+    advantages, _ = process_batch(texts, "7")
+    assert advantages.eq(0).all(), "equal outcomes and steps that all hold teach nothing"
+
+
+def test_process_advantages_keep_the_scale_of_outcome_supervision():
+    """Each part is normalized to unit std within its group, and the steps' part is one step's
+    r̃ at most (the min form): the token-mean |Â| stays within 2x outcome supervision's."""
+    texts = [
+        reply(["14 + 7 = 21", "21 - 5 = 16"], "16"),
+        reply(["14 + 7 = 22", "22 - 5 = 17"], "17"),
+        reply(["14 + 7 = 21", "21 - 5 = 15"], "15"),
+        reply(["14 + 7 = 21"], "16"),
+    ]
+    process, mask = process_batch(texts, "16")
+    total, _ = grpo.score_completions(
+        texts, ["16"] * 4, {"format": 0.5, "answer": 1.0, "step": 0.0}
+    )
+    outcome = group_advantages(total, 4)[:, None].expand_as(process)
+    on = mask.bool()
+    ratio = process[on].abs().mean() / outcome[on].abs().mean()
+    assert 0.5 <= ratio <= 2, ratio
+
+
+def test_dr_grpo_drops_the_std_of_the_outcome_and_of_the_steps():
+    texts = [reply(["1 + 2 = 3"], "3"), reply(["1 + 2 = 4"], "4")]
+    advantages, mask = process_batch(texts, "3", loss_type="dr_grpo")
+    # outcome: totals 1.5 and 0.5, minus their mean; steps: 1 and 0, minus theirs (0.5)
+    torch.testing.assert_close(advantages[0, 0], torch.tensor(0.5 + 0.5))
+    torch.testing.assert_close(advantages[1, 0], torch.tensor(-0.5 - 0.5))
+
+
+def test_a_truncated_replys_cut_last_line_is_no_step():
+    """`14 + 7 = 2` where the cut fell (the model was writing 21): not a wrong step."""
+    cut = "<reasoning>\n1 + 2 = 3\n14 + 7 = 2"
+    whole = "<reasoning>\n1 + 2 = 3\n14 + 7 = 21\n"
+    advantages, _ = process_batch([cut, whole], "99", truncated=[True, True])  # both wrong
+    assert advantages.eq(0).all(), (
+        "both replies hold their only credited steps: nothing to tell apart"
+    )
 
 
 def test_online_rft_coefficient_is_one_for_a_right_answer_and_zero_otherwise(
