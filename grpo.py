@@ -26,7 +26,8 @@ Where this file picks among variants or departs from the paper (each a flag):
     KL(π_ref || π_θ). Of the KL of whole completions only `k1_to_go`, on policy: the KL summed
     to go in Â, not in the loss (Tang and Munos, arXiv 2506.09477; verl's use_kl_in_reward).
   - `advantage`, the gradient coefficient (the paper's section 5.2): `grpo`; `online_rft`, 1 for a
-    right answer, else 0 (eq. 10); `grpo_batch_std`, the batch's std (TRL's scale_rewards="batch").
+    right answer, else 0 (eq. 10; it keeps the clip and the KL term, which eq. 10 has not: `--beta
+    0 --mu 1` is its plain form); `grpo_batch_std`, the batch's std (TRL's scale_rewards="batch").
   - `supervision process`: the paper's process supervision (section 4.1.3), the steps checked by
     rules (rewards.py), not a learned reward model; Â = the outcome's, plus a token's step credit:
     the least r̃ of the steps to come (`step_credit min`: PURE, arXiv 2504.15275; farming steps
@@ -85,7 +86,7 @@ class Config:
     max_completion_length: int = 512  # new tokens per completion; one cut here is truncated
     temperature: float = 1.0  # sampling temperature; log-probs are computed at the same one
     beta: float = 0.04  # KL coefficient; 0 loads no reference model at all
-    kl_estimator: str = "k3_ratio"  # KL term: k3_ratio (ratio x k3), k3, k2; k1_to_go (in Â)
+    kl_estimator: str = "k3_ratio"  # KL term: k3_ratio (ratio x k3), k3, k2; whole: k1_to_go, k1_is
     epsilon_low: float = 0.2  # ratio clip below: 1 - epsilon_low
     epsilon_high: float = 0.2  # ratio clip above: 1 + epsilon_high
     mu: int = 1  # passes over each generated batch (the paper's μ)
@@ -406,21 +407,27 @@ def grpo_loss(
         X_it = -min(ρ_it Â_it, clip(ρ_it, 1 - ε_low, 1 + ε_high) Â_it) + β KL_it, then
     grpo: 1/B Σ_i 1/|o_i| Σ_t X_it (the paper); dapo: Σ_it X_it / Σ_i |o_i|; dr_grpo:
     Σ_it X_it / (B * max_completion_length). B, Σ|o_i|: the whole batch's (micro-batches sum).
-    k1_to_go: no KL_it; Â_it - β Σ_{t' >= t} k1_it' instead (k1 of the sample: of π_θ_old)."""
+    The KL of whole completions, β weighing each completion's (1/B Σ_i KL_i, whatever loss_type):
+    k1_to_go: no KL_it; Â_it - β w_i Σ_{t' >= t} k1_it' instead (k1 of the sample: of π_θ_old; w_i
+    undoes loss_type's division of o_i's tokens: |o_i|, Σ|o|/B or max_completion_length); k1_is:
+    plus β/B Σ_it Π_{s <= t} ρ_is k1_it, its prefixes importance-weighted: exact off policy too."""
     mask = mask.float()  # [B, T]
     ratio = torch.exp(logp - old_logp)  # [B, T]
     A = advantages.view(len(logp), -1)  # [B, 1] one per completion, or [B, T] one per token
-    in_reward = kl_estimator == "k1_to_go" and ref_logp is not None
-    if in_reward:  # the KL of the whole completion as a reward-to-go: through ρ, like a reward
-        A = A - beta * reward_to_go((old_logp - ref_logp) * mask)  # [B, T]
-    clipped = ratio.clamp(1 - epsilon_low, 1 + epsilon_high)  # [B, T]
-    per_token = -torch.minimum(ratio * A, clipped * A)  # [B, T]
-    kind = "k1" if in_reward else kl_estimator  # (k1: what the diagnostics report)
-    kl = kl_estimate(logp, ref_logp, kind, old_logp) if ref_logp is not None else None
-    if kl is not None and beta != 0 and not in_reward:
-        per_token = per_token + beta * kl  # plus: the KL is a penalty on the objective
     num_sequences = num_sequences or logp.shape[0]
     num_tokens = num_tokens or mask.sum()
+    whole = kl_estimator in ("k1_to_go", "k1_is") and ref_logp is not None  # whole completions'
+    if whole and kl_estimator == "k1_to_go":  # the KL to go as a reward: through ρ, clipped too
+        lengths = mask.sum(dim=1, keepdim=True).clamp(min=1)  # [B, 1]
+        weights = {"grpo": lengths, "dr_grpo": max_completion_length}  # w_i: one KL per completion
+        w = weights.get(loss_type, num_tokens / num_sequences)  # dapo: Σ|o| / B
+        A = A - beta * w * reward_to_go((old_logp - ref_logp) * mask)  # [B, T]
+    clipped = ratio.clamp(1 - epsilon_low, 1 + epsilon_high)  # [B, T]
+    per_token = -torch.minimum(ratio * A, clipped * A)  # [B, T]
+    kind = "k1" if whole else kl_estimator  # (k1: what the diagnostics report)
+    kl = kl_estimate(logp, ref_logp, kind, old_logp) if ref_logp is not None else None
+    if kl is not None and beta != 0 and not whole:
+        per_token = per_token + beta * kl  # plus: the KL is a penalty on the objective
     if loss_type == "grpo":
         per_sequence = (per_token * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)  # [B]
         loss = per_sequence.sum() / num_sequences
@@ -430,6 +437,9 @@ def grpo_loss(
         loss = (per_token * mask).sum() / (num_sequences * max_completion_length)
     else:
         raise ValueError(f"unknown loss_type {loss_type!r}; choose one of {', '.join(LOSS_TYPES)}")
+    if whole and kl_estimator == "k1_is":  # E_old[Π ρ k1] = E_θ[k1] at each prefix: exact
+        prefix_ratio = torch.exp(((logp - old_logp) * mask).cumsum(dim=1))  # [B, T] Π_{s<=t} ρ_s
+        loss = loss + beta * (prefix_ratio * (logp - ref_logp) * mask).sum() / num_sequences
 
     def token_mean(x):
         return ((x.float() * mask).sum() / mask.sum().clamp(min=1)).item()
@@ -446,13 +456,14 @@ def grpo_loss(
 
 def update_policy(policy, optimizer, batch: dict, cfg: Config, autocast):
     """Step 5: mu passes over the batch, an optimizer step per mini-batch, each over micro-batches
-    (the gradient is the same for any micro-batch size). Returns (mean loss, last grad norm,
-    [(tokens, diagnostics)] per micro-batch)."""
+    (the gradient is the same for any micro-batch size). Returns (mean loss, mean grad norm over
+    the optimizer steps, [(tokens, diagnostics)] per micro-batch)."""
     mask = batch["completion_mask"]  # [B, T]
     T = mask.shape[1]
     names = "beta epsilon_low epsilon_high loss_type max_completion_length kl_estimator".split()
     loss_settings = {name: getattr(cfg, name) for name in names}
     losses = []
+    grad_norms = []  # one per optimizer step: mu x mini_batches of them
     diagnostics = []
     policy.train()
     parts = [
@@ -484,9 +495,10 @@ def update_policy(policy, optimizer, batch: dict, cfg: Config, autocast):
             diagnostics.append((int(mask[mb].sum()), diag))
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
         require_finite(grad_norm, "the gradient")
+        grad_norms.append(grad_norm.item())
         optimizer.step()
     policy.eval()
-    return sum(losses) / len(parts), grad_norm, diagnostics
+    return sum(losses) / len(parts), sum(grad_norms) / len(grad_norms), diagnostics
 
 
 # ---- One step, the loop ------------------------------------------------------------------------
@@ -564,18 +576,6 @@ def evaluate(
     return {"accuracy": sum(correct) / n, "format_rate": sum(formatted) / n, "n": len(rows)}
 
 
-def load_data(cfg: Config) -> tuple[list[dict], list[dict]]:
-    """The training rows, and the first `eval_size` held-out rows (all of them if fewer: said)."""
-    settings = (cfg.dataset_config, cfg.arithmetic_max, cfg.seed, cfg.example_turn)
-    train_rows = rewards.load_dataset_rows(cfg.dataset, "train", *settings)
-    held_out = rewards.load_dataset_rows(cfg.dataset, "test", *settings)
-    if len(held_out) < cfg.eval_size:
-        print(
-            f"note: --eval-size {cfg.eval_size}: the held-out set has {len(held_out)}; all are used"
-        )
-    return train_rows, held_out[: cfg.eval_size]
-
-
 def train(cfg: Config) -> dict:
     """Run GRPO as configured (the paper's Algorithm 1, one outer iteration); return results."""
     cfg, device = check_run(cfg, rewards.BUILT_IN_TASKS)  # every check before any loading
@@ -583,7 +583,9 @@ def train(cfg: Config) -> dict:
     autocast = autocast_for(device, cfg.precision)
     torch.manual_seed(cfg.seed)
     quiet_libraries()
-    train_rows, eval_rows = load_data(cfg)  # bad data fails before the models load
+    data = (cfg.dataset_config, cfg.arithmetic_max, cfg.seed, cfg.example_turn)  # bad data first
+    train_rows = rewards.load_dataset_rows(cfg.dataset, "train", *data)
+    eval_rows = rewards.load_dataset_rows(cfg.dataset, "test", *data, size=cfg.eval_size)
     resume_from = latest_checkpoint(output_dir) if cfg.resume else None
     example = rewards.make_prompt("What is 1 + 1?")  # the model's chat template must format it
     tokenizer = load_tokenizer(str(resume_from or cfg.model), cfg.trust_remote_code, example)

@@ -367,9 +367,11 @@ def load_dataset_rows(
     arithmetic_max: int = 49,
     seed: int = 0,
     example_turn: bool = True,
+    size: int | None = None,
 ) -> list[dict]:
     """Rows {question, prompt, answer} of a built-in task (BUILT_IN_TASKS), a JSON-lines file, a
-    folder of them, or a Hub dataset; GSM8K's keys: "question" and "answer" (after '####')."""
+    folder of them, or a Hub dataset; GSM8K's keys: "question" and "answer" (after '####'). The
+    first `size` of them (all, if fewer: said)."""
     if source in BUILT_IN_TASKS:
         raw = arithmetic_problems(
             arithmetic_max, seed, held_out=split != "train", terms=BUILT_IN_TASKS[source]
@@ -386,7 +388,9 @@ def load_dataset_rows(
         for r in raw
     ]
     check_answers(rows, f"--dataset {source!r} ({split})")
-    return rows
+    if size is not None and len(rows) < size:
+        print(f"note: {size} {split} rows asked for (--eval-size), {len(rows)} there: all are used")
+    return rows[:size]
 
 
 def check_answers(rows: list[dict], name: str) -> None:

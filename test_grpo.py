@@ -129,7 +129,8 @@ def test_the_uniform_number_keeps_float64_resolution(monkeypatch):
     p = 0.5 + 2**-31
     logits = torch.tensor([[math.log(p), math.log(1 - p)]], dtype=torch.float64)
     assert sample_tokens(logits, temperature=1.0).tolist() == [1], (
-        "the CDF and the uniform number must stay float64: in float32 a token of probability below 2^-24 is never drawn"
+        "the draw must resolve probabilities below float32's 2^-24: a float32 draw (torch.multinomial's, or a "
+        "float32 CDF or uniform number) cannot; an inverse-CDF draw keeps its CDF and its uniform number in float64"
     )
 
 
@@ -410,7 +411,7 @@ def naive_logps(model, input_ids, attention_mask, completion_length, temperature
     logits = model(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
     ).logits
-    logits = logits[:, -completion_length - 1 : -1] / temperature
+    logits = logits[:, -completion_length - 1 : -1].float() / temperature
     return logits.log_softmax(-1).gather(-1, input_ids[:, -completion_length:, None]).squeeze(-1)
 
 
@@ -452,6 +453,29 @@ def test_per_token_logps_equals_plain_log_softmax(
     for a, b in zip(chunked, [p.grad for p in model.parameters()]):
         close(a, b, "the gradient must be the plain log_softmax's", rtol=1e-4, atol=1e-6)
     model.zero_grad()
+
+
+def test_per_token_logps_of_a_bf16_model_take_the_log_softmax_in_float32(tiny):
+    """bf16 weights (or autocast) give bf16 logits: their log-softmax, a sum of V exponentials, must
+    be taken in float32, or the log-probs lose 2-3 digits (the ratio and the KL with them)."""
+    model, tokenizer = tiny
+    half = type(model)(model.config).to(torch.bfloat16).eval()
+    half.load_state_dict(model.state_dict())
+    torch.manual_seed(0)
+    half.get_output_embeddings().weight.data.normal_(0, 2.0)  # logits spread as a real model's
+    input_ids, attention_mask, mask = random_batch(half, tokenizer)
+    K = mask.shape[1]
+    with torch.no_grad():
+        logp = per_token_logps(half, input_ids, attention_mask, K)
+        expected = naive_logps(half, input_ids, attention_mask, K)  # its bf16 logits, in float32
+    assert logp.dtype == torch.float32, "log-probs in float32, whatever the model's precision"
+    close(
+        logp,
+        expected,
+        "the log-softmax of bf16 logits in float32 (.float() before logsumexp): bf16 loses digits",
+        atol=2e-3,
+        rtol=0,
+    )
 
 
 def test_left_padding_does_not_change_logps(tiny):
@@ -589,17 +613,46 @@ def test_which_kl_gradient_each_estimator_gives_as_a_loss(kind, on_policy, whose
         assert (gradient - other).norm() > 0.05 * other.norm()  # the two KLs differ here
 
 
+def raised_by(call) -> Exception | None:
+    try:
+        call()
+    except NotImplementedError:  # a stub not written yet: that, not a wrong error
+        raise
+    except Exception as error:  # what it raised, whatever it was
+        return error
+    return None
+
+
+def test_an_unknown_kl_estimator_or_loss_type_is_refused_by_name():
+    """A typo must not run as some other estimator or mean: a ValueError that names the kind and
+    the choices (not a KeyError from a dict, nor a silent default)."""
+    logp = torch.zeros(3)
+    error = raised_by(lambda: kl_estimate(logp, logp, "k4"))
+    said = "unknown KL estimator 'k4'; choose one of k1, k2, k3, k3_ratio"
+    assert isinstance(error, ValueError) and said in str(error), (
+        f"kl_estimate with an unknown kind must raise ValueError: {said} (it raised {error!r})"
+    )
+    settings = dict(beta=0.04, epsilon_low=0.2, epsilon_high=0.2, max_completion_length=4)
+    error = raised_by(lambda: grpo_loss(**TWO_COMPLETIONS, loss_type="ppo", **settings))
+    said = "unknown loss_type 'ppo'; choose one of grpo, dapo, dr_grpo"
+    assert isinstance(error, ValueError) and said in str(error), (
+        f"grpo_loss with an unknown loss_type must raise ValueError: {said} (it raised {error!r})"
+    )
+
+
 @pytest.mark.parametrize(
-    "loss_type, expected", [("grpo", -0.174898), ("dapo", -0.311043), ("dr_grpo", -0.194402)]
+    "loss_type, expected", [("grpo", -0.174898), ("dapo", -0.311043), ("dr_grpo", -0.129601)]
 )
 def test_grpo_loss_reference_values(loss_type, expected):
+    """T = 4 tokens in the batch, max_completion_length 6 (Dr. GRPO's constant is the latter: a
+    batch whose replies all ended early is divided by 6 too); log-probs on the padding."""
     loss, diagnostics = grpo_loss(
         **TWO_COMPLETIONS,
         beta=0.04,
         epsilon_low=0.2,
         epsilon_high=0.2,
         loss_type=loss_type,
-        max_completion_length=4,
+        max_completion_length=6,
         kl_estimator="k3",
     )
     mean = {
@@ -612,9 +665,17 @@ def test_grpo_loss_reference_values(loss_type, expected):
         f"the two, PPO's bound), then {loss_type}'s mean, {mean[loss_type]}"
     )
     # token 2 of completion 1: ratio e^0.3 = 1.35 > 1.2 with A > 0; token 2 of completion 2: e^-0.3 = 0.74 < 0.8 with A < 0
-    why = "clip/high_frac, clip/low_frac: the share of the batch's tokens whose gradient the clip stops"
+    why = "clip/high_frac, clip/low_frac: the share of the batch's tokens (the completions' own, never the padding) whose gradient the clip stops"
     assert diagnostics["clip/high_frac"] == pytest.approx(1 / 5), why
     assert diagnostics["clip/low_frac"] == pytest.approx(1 / 5), why
+    tokens = [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)]  # the completions' 5 tokens, no padding
+    value = {name: TWO_COMPLETIONS[name].tolist() for name in ("logp", "old_logp", "ref_logp")}
+    log_r = [value["ref_logp"][i][t] - value["logp"][i][t] for i, t in tokens]
+    k3 = sum(math.exp(x) - x - 1 for x in log_r) / 5
+    ratio = sum(math.exp(value["logp"][i][t] - value["old_logp"][i][t]) for i, t in tokens) / 5
+    why = "the diagnostics are token means over the completions' tokens only, never the padding"
+    assert diagnostics["kl"] == pytest.approx(k3, abs=1e-6), why
+    assert diagnostics["ratio_mean"] == pytest.approx(ratio, abs=1e-6), why
 
 
 def test_asymmetric_clip_reference_value():
@@ -647,7 +708,8 @@ def test_asymmetric_clip_reference_value():
         per_sequence.append(sum(terms) / len(terms))
     expected = sum(per_sequence) / 2
     assert loss.item() == pytest.approx(expected, abs=1e-6), (  # float32 against float64: ~1e-7
-        "ρ above 1 + ε_high is cut with Â > 0, below 1 - ε_low with Â < 0; then the pessimistic min"
+        "ρ above 1 + ε_high is cut with Â > 0, below 1 - ε_low with Â < 0; then the pessimistic min, "
+        "and grpo's mean, 1/B Σ_i 1/|o_i| Σ_t (each completion's tokens averaged, then the completions)"
     )
     swapped, _ = grpo_loss(
         **args,
@@ -686,7 +748,8 @@ def test_grpo_gradient_with_ratio_one_is_minus_advantage_over_length():
         logp.grad,
         expected,
         "at ratio 1 (mu = 1) the gradient is the policy gradient, d loss / d logp_it = "
-        "-Â_i / (|o_i| B) on each token of completion i, 0 on padding; the clip must not act at ratio 1",
+        "-Â_i / (|o_i| B) on each token of completion i (grpo's mean: each completion's tokens averaged, "
+        "then the completions), 0 on padding; at ratio 1 the clip does not act",
     )
     assert loss.item() == pytest.approx(
         -advantages.mean().item()
@@ -845,7 +908,8 @@ def test_per_token_advantages_equal_to_each_completions_one_give_the_same_loss_a
 
 
 def test_k1_to_go_puts_the_kl_to_go_in_the_advantage_not_in_the_loss():
-    """-β Σ_{t' >= t} k1 of the sample (from π_θ_old) joins Â_t; no KL term is added; the KL reported is k1's mean."""
+    """-β w Σ_{t' >= t} k1 of the sample (from π_θ_old) joins Â_t (w: so that β weighs each completion's KL);
+    no KL term is added; the KL reported is k1's mean."""
     old, ref = TWO_COMPLETIONS["old_logp"], TWO_COMPLETIONS["ref_logp"]
     mask, beta = TWO_COMPLETIONS["mask"], 0.5
     settings = dict(
@@ -861,15 +925,16 @@ def test_k1_to_go_puts_the_kl_to_go_in_the_advantage_not_in_the_loss():
         kl_estimator="k1_to_go",
         **settings,
     )
-    advantages = TWO_COMPLETIONS["advantages"][:, None] - beta * grpo.reward_to_go(
+    per_completion = mask.sum() / len(mask)  # dapo divides each token by Σ|o|: w = Σ|o| / B
+    advantages = TWO_COMPLETIONS["advantages"][:, None] - beta * per_completion * grpo.reward_to_go(
         (old - ref) * mask
     )
     by_hand, _ = grpo_loss(
         TWO_COMPLETIONS["logp"], old, ref, advantages, mask, beta=0.0, **settings
     )
     assert to_go.item() == pytest.approx(by_hand.item(), abs=1e-6), (  # float32 of the same sums
-        "k1_to_go: Â_t - β Σ_{t' >= t} k1_t' with k1 of the sample, old_logp - ref_logp (reward_to_go), and no KL "
-        "term in the loss"
+        "k1_to_go: Â_t - β w Σ_{t' >= t} k1_t' with k1 of the sample, old_logp - ref_logp (reward_to_go), w "
+        "undoing dapo's division by the batch's tokens (w = Σ|o| / B: one KL per completion), no KL term in the loss"
     )
     k1 = ((TWO_COMPLETIONS["logp"] - ref) * mask).sum() / mask.sum()
     assert diagnostics["kl"] == pytest.approx(k1.item(), abs=1e-6), (

@@ -58,11 +58,13 @@ EXERCISES = {
         "test_per_token_logps_equals_plain_log_softmax[5-0.7-False]",
         "test_left_padding_does_not_change_logps",
         "test_log_probs_keep_no_vocabulary_sized_tensor_for_the_backward_pass",
+        "test_per_token_logps_of_a_bf16_model_take_the_log_softmax_in_float32",
     ],
     "kl_estimate": [
         "test_kl_estimators_reference_values",
         "test_k3_ratio_is_k3_times_the_ratio_and_k1_is_refused",
         "test_which_kl_gradient_each_estimator_gives_as_a_loss",
+        "test_an_unknown_kl_estimator_or_loss_type_is_refused_by_name",
     ],
     "grpo_loss": [
         "test_grpo_loss_reference_values",
@@ -74,6 +76,7 @@ EXERCISES = {
         "test_gradient_does_not_depend_on_micro_batch_size",
         "test_per_token_advantages_equal_to_each_completions_one_give_the_same_loss_and_gradient",
         "test_k1_to_go_puts_the_kl_to_go_in_the_advantage_not_in_the_loss",
+        "test_an_unknown_kl_estimator_or_loss_type_is_refused_by_name",
     ],
 }
 PART1 = list(EXERCISES)

@@ -134,12 +134,15 @@ def grpo_loss(
         X_it = -min(ρ_it Â_it, clip(ρ_it, 1 - ε_low, 1 + ε_high) Â_it) + β KL_it, then
     grpo: 1/B Σ_i 1/|o_i| Σ_t X_it (the paper); dapo: Σ_it X_it / Σ_i |o_i|; dr_grpo:
     Σ_it X_it / (B * max_completion_length). B, Σ|o_i|: the whole batch's (micro-batches sum).
-    k1_to_go: no KL_it; Â_it - β Σ_{t' >= t} k1_it' instead (k1 of the sample: of π_θ_old).
+    The KL of whole completions, β weighing each completion's (1/B Σ_i KL_i, whatever loss_type):
+    k1_to_go: no KL_it; Â_it - β w_i Σ_{t' >= t} k1_it' instead (k1 of the sample: of π_θ_old; w_i
+    undoes loss_type's division of o_i's tokens: |o_i|, Σ|o|/B or max_completion_length); k1_is:
+    plus β/B Σ_it Π_{s <= t} ρ_is k1_it, its prefixes importance-weighted: exact off policy too.
 
     logp [b, T] (with gradient), old_logp and ref_logp [b, T] (ref_logp None: no KL term), mask
     [b, T]; this call may hold a micro-batch of b rows: num_sequences and num_tokens, when given,
     are the whole batch's B and Σ|o_i| (None: this call's). Returns (loss, diagnostics), the
     diagnostics floats over the mask's tokens: "kl" (the KL term's mean; 0.0 without ref_logp;
-    k1's for k1_to_go), "clip/low_frac" (ρ < 1 - ε_low with Â < 0), "clip/high_frac" (ρ > 1 +
+    k1's for k1_to_go and k1_is), "clip/low_frac" (ρ < 1 - ε_low with Â < 0), "clip/high_frac" (ρ > 1 +
     ε_high with Â > 0), "ratio_mean". Use your kl_estimate, and reward_to_go for k1_to_go."""
     raise NotImplementedError("grpo_loss")

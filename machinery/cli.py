@@ -53,8 +53,9 @@ def check_config(cfg, built_in_datasets: tuple[str, ...] = ()) -> None:
             f"{flag(name)} {getattr(cfg, name)!r} is unknown; choose one of {', '.join(choices)}.",
         )
     require(
-        cfg.prompts_per_step * cfg.num_generations % cfg.mini_batches == 0,
-        f"--mini-batches {cfg.mini_batches} must divide a step's completions, P*G.",
+        cfg.prompts_per_step % cfg.mini_batches == 0,
+        f"--mini-batches {cfg.mini_batches} must divide --prompts-per-step {cfg.prompts_per_step}: "
+        "each mini-batch holds whole groups (verl's ppo_mini_batch_size = P / N).",
     )
     require(
         cfg.supervision == "outcome" or cfg.advantage == "grpo",

@@ -28,7 +28,7 @@ LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
 KL_ESTIMATORS = ("k1", "k2", "k3", "k3_ratio")
 CHOICES = {
     "loss_type": (*LOSS_TYPES, "bnpo"),  # bnpo: dapo's former name
-    "kl_estimator": (*KL_ESTIMATORS, "k1_to_go"),
+    "kl_estimator": (*KL_ESTIMATORS, "k1_to_go", "k1_is"),
     "advantage": ("grpo", "grpo_batch_std", "online_rft"),
     "supervision": ("outcome", "process"),
     "step_credit": ("min", "sum"),

@@ -55,7 +55,7 @@ def step_metrics(
     components,
     group_size: int,
     loss: float,
-    grad_norm,
+    grad_norm: float,
     optimizer,
     diagnostics: list[tuple[int, dict]],
     device,
@@ -78,7 +78,7 @@ def step_metrics(
         "completion/truncated_frac": rollout.truncated.float().mean().item(),
         **task_metrics,
         "loss": loss,
-        "grad_norm": grad_norm.item(),
+        "grad_norm": grad_norm,  # the mean over the step's optimizer steps
         "lr": optimizer.param_groups[0]["lr"],
         **{key: sum(n * d[key] for n, d in diagnostics) / tokens for key in diagnostics[0][1]},
         "memory/peak_mb": peak_memory_mb(device),

@@ -367,13 +367,18 @@ KL_GRADIENT_TABLE = [  # (estimator, θ_old = θ?, whose gradient it is)
     ("k3_ratio", False, "KL(π_θ || π_ref)"),
     ("k1_to_go", True, "KL(π_θ || π_ref)"),
     ("k1_to_go", False, "neither"),  # one token: its own k1 to go
+    ("k1_is", True, "KL(π_θ || π_ref)"),
+    ("k1_is", False, "KL(π_θ || π_ref)"),  # ρ k1: E_old[ρ k1] = E_θ[k1]
 ]
 
 
+# Two completions of 3 and 2 tokens, padded to T = 4. The padding holds log-probs as a real batch
+# does (the model scores the pad tokens too), each of them different: a formula that forgets the
+# mask anywhere (the KL, the KL to go, the diagnostics) changes the numbers.
 TWO_COMPLETIONS = dict(
-    logp=torch.tensor([[-1.0, -0.5, -2.0, 0.0], [-0.3, -1.3, 0.0, 0.0]]),
-    old_logp=torch.tensor([[-1.1, -0.8, -1.9, 0.0], [-0.5, -1.0, 0.0, 0.0]]),
-    ref_logp=torch.tensor([[-1.2, -0.4, -2.1, 0.0], [-0.4, -1.5, 0.0, 0.0]]),
+    logp=torch.tensor([[-1.0, -0.5, -2.0, -3.1], [-0.3, -1.3, -0.2, -4.0]]),
+    old_logp=torch.tensor([[-1.1, -0.8, -1.9, -1.2], [-0.5, -1.0, -2.6, -0.1]]),
+    ref_logp=torch.tensor([[-1.2, -0.4, -2.1, -0.3], [-0.4, -1.5, -1.4, -2.2]]),
     advantages=torch.tensor([0.8, -0.5]),
     mask=torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]]),
 )

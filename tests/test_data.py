@@ -4,16 +4,14 @@ rewards.py's data: JSON lines, the Hub's ids, the built-in tasks, the order of t
 
 import json
 import os
-from dataclasses import replace
 
 # Before huggingface_hub reads it (at import): the tests never touch the Hub.
 os.environ["HF_HUB_OFFLINE"] = "1"
 import pytest  # noqa: E402
 
-import grpo  # noqa: E402
 import rewards  # noqa: E402
 from machinery.flags import ConfigError  # noqa: E402
-from tests.conftest import tiny_config, write_jsonl  # noqa: E402
+from tests.conftest import write_jsonl  # noqa: E402
 
 # Data
 
@@ -229,15 +227,12 @@ def test_data_order_changes_with_the_epoch_and_the_seed():
     assert order(1, 0) != order(0, 0)  # the seed matters
 
 
-def test_an_eval_size_past_the_held_out_set_is_said(tiny_model_dir, tmp_path, capsys):
-    cfg = tiny_config(tiny_model_dir, tmp_path, eval_size=100_000)
-    _, eval_rows = grpo.load_data(cfg)
+def test_an_eval_size_past_the_held_out_set_is_said(capsys):
+    eval_rows = rewards.load_dataset_rows("arithmetic", "test", size=100_000)
     assert len(eval_rows) == 500  # the held-out sums of 0..49 + 0..49
-    assert (
-        "note: --eval-size 100000: the held-out set has 500; all are used"
-        in capsys.readouterr().out
-    )
-    grpo.load_data(replace(cfg, eval_size=500))
+    said = "note: 100000 test rows asked for (--eval-size), 500 there: all are used"
+    assert said in capsys.readouterr().out
+    assert len(rewards.load_dataset_rows("arithmetic", "test", size=200)) == 200
     assert "note" not in capsys.readouterr().out
 
 

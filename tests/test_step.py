@@ -422,7 +422,11 @@ def test_mini_batches_move_the_ratio_once_the_policy_has_stepped(
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (dict(mini_batches=3), "--mini-batches 3 must divide a step's completions, P*G."),
+        (
+            dict(mini_batches=3),
+            "--mini-batches 3 must divide --prompts-per-step 2: each mini-batch",
+        ),
+        (dict(mini_batches=4), "holds whole groups"),  # 4 divides P*G = 8, not P = 2: a group split
         (dict(mini_batches=0), "--mini-batches is 0; it must be > 0."),
         (
             dict(supervision="process", advantage="online_rft"),
