@@ -50,7 +50,7 @@ def write_results(cfg, results: dict) -> dict:
 PANELS = {
     "reward/total": "mean reward",
     "accuracy format_rate": "accuracy (answer = 1), format rate (strict)",
-    "kl": "KL(policy || reference)",
+    "kl": "KL(policy || reference), log scale",
     "completion/len_mean": "mean completion length (tokens)",
 }
 
@@ -67,6 +67,8 @@ def plot_curves(metrics_path: Path, out_path: Path):
         for key in keys.split():
             ax.plot([r["step"] for r in records], [r.get(key) for r in records], label=key)
         ax.set(title=title, xlabel="step")
+        if keys == "kl":  # one spike would flatten the rest; symlog: 0 and negative k1 drawn too
+            ax.set_yscale("symlog", linthresh=1e-3)
         ax.xaxis.get_major_locator().set_params(integer=True)  # no step 1.5
         ax.legend()
     fig.savefig(out_path)
