@@ -59,7 +59,9 @@ def test_plot_curves_draws_a_png_from_the_metrics(tmp_path):
         "mean completion length (tokens)",
     ]
     scales = [ax.get_yscale() for ax in figure.axes]
-    assert scales == ["linear", "linear", "symlog", "linear"], "one KL spike must not flatten the rest"
+    assert scales == ["linear", "linear", "symlog", "linear"], (
+        "one KL spike must not flatten the rest"
+    )
     (tmp_path / "empty.jsonl").write_text("")
     DRAW_CURVES(tmp_path / "empty.jsonl", tmp_path / "nothing.png")  # no steps yet: no picture
     assert not (tmp_path / "nothing.png").exists()
