@@ -145,6 +145,7 @@ def test_trl_runner_maps_lora_and_splits_the_batch_over_processes(tmp_path):
             "--supervision 'process': TRL's GRPOTrainer has no process supervision",
         ),
         ("--kl-estimator k1_to_go", "--kl-estimator 'k1_to_go': TRL estimates the KL with k3 only"),
+        ("--kl-estimator k1_is", "--kl-estimator 'k1_is': TRL estimates the KL with k3 only"),
     ],
 )
 def test_trl_runner_refuses_what_trl_cannot_do_before_loading_a_model(
