@@ -289,7 +289,7 @@ def min_to_go(rewards: torch.Tensor) -> torch.Tensor:
 
 
 def compute_advantages(rollout: Rollout, rows: list[dict], cfg: Config, tokenizer):
-    """Steps 2 and 3: (rewards [B], {name: reward [B]}, Â [B], or [B, T] for process supervision)."""
+    """Steps 2 and 3: (rewards [B], {name: reward [B]}, Â [B]; [B, T] for process supervision)."""
     G = cfg.num_generations
     answers = [r["answer"] for r in rows for _ in range(G)]  # completion i answers row i // G
     weights = {name: getattr(cfg, f"{name}_weight") for name in rewards.REWARD_FUNCTIONS}

@@ -395,7 +395,8 @@ def load_dataset_rows(
 
 def check_answers(rows: list[dict], name: str) -> None:
     """Every gold answer should be a number: no reply can earn the answer reward of one that is
-    not. Such rows are kept (the format reward still teaches) and counted; none readable: refused."""
+    not. Such rows are kept (the format reward still teaches) and counted; none readable:
+    refused."""
     unreadable = [i for i, row in enumerate(rows) if parse_number(row["answer"]) is None]
     if not unreadable:
         return

@@ -19,7 +19,7 @@ def append_jsonl(path: Path, records: list[dict], mode: str = "a") -> None:
 
 
 def log_samples(cfg, step: int, row: dict, texts: list[str], rewards) -> None:
-    """Two completions of the step's first question in samples.jsonl, every N steps and at the last."""
+    """Two completions of the step's first question in samples.jsonl, every N steps, the last."""
     if cfg.log_samples_every and (step % cfg.log_samples_every == 0 or step == cfg.max_steps):
         records = [
             {

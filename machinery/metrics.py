@@ -21,7 +21,8 @@ DIAGNOSTICS = {  # name: (steps in a row, condition, what it means and what to d
     "equal_rewards": (
         PATIENCE,
         lambda m: m["groups/zero_std_frac"] > MOST,
-        "most groups have equal rewards: the task is too easy or too hard. Raise G, or change data.",
+        "most groups have equal rewards: the task is too easy or too hard. Raise G, or change "
+        "data.",
     ),
     "no_format": (
         PATIENCE,
