@@ -25,6 +25,11 @@ Where this file picks among variants or departs from the paper (each a flag):
     that of KL(π_θ || π_ref) per token, on and off policy; the paper's k3, on policy, that of
     KL(π_ref || π_θ). Of the KL of whole completions only `k1_to_go`, on policy: the KL summed
     to go in Â, not in the loss (Tang and Munos, arXiv 2506.09477; verl's use_kl_in_reward).
+  - what GRPO became (each a flag, off by default): `importance_sampling_level sequence`, GSPO's
+    one ratio per completion (Zheng et al., arXiv 2507.18071); `loss_type cispo`, the ratio capped
+    and its gradient stopped, every token keeping one (MiniMax-M1, arXiv 2506.13585);
+    `mask_truncated_completions`, DAPO's overlong filtering (arXiv 2503.14476). The policy's
+    entropy is logged each step: its collapse is GRPO's most reported failure.
   - `advantage`, the gradient coefficient (the paper's section 5.2): `grpo`; `online_rft`, 1 for a
     right answer, else 0 (eq. 10; it keeps the clip and the KL term, which eq. 10 has not: `--beta
     0 --mu 1` is its plain form); `grpo_batch_std`, the batch's std (TRL's scale_rewards="batch").
@@ -40,7 +45,6 @@ Where this file picks among variants or departs from the paper (each a flag):
 Shapes: B = P*G completions, Tp prompt and T completion tokens, H hidden size, V vocabulary.
 """
 
-import sys
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,21 +57,22 @@ import rewards
 from machinery.checkpoints import (
     latest_checkpoint,
     resume_run,
-    said_on_ctrl_c,
     save_checkpoint,
     stop_run,
     until_ctrl_c,
 )
-from machinery.cli import check_run, parse_args
+from machinery.cli import check_run, run_main
 from machinery.decoding import (
     compiled_decoder,
+    decode_replies,
     decoder_for,
+    encode_prompts,
     end_of_reply_ids,
     prompt_cache,
     shared_prompt,
 )
 from machinery.devices import NO_FLOAT64, autocast_for, draw_without_float64, timed
-from machinery.flags import KL_ESTIMATORS, LOSS_TYPES, ConfigError
+from machinery.flags import KL_ESTIMATORS, LOSS_TYPES
 from machinery.hub import quiet_libraries
 from machinery.loading import load_policy_and_reference, load_tokenizer
 from machinery.logs import log_samples, plot_curves, write_results
@@ -88,13 +93,15 @@ class Config:
     beta: float = 0.04  # KL coefficient; 0 loads no reference model at all
     kl_estimator: str = "k3_ratio"  # KL term: k3_ratio (ratio x k3), k3, k2; whole: k1_to_go, k1_is
     epsilon_low: float = 0.2  # ratio clip below: 1 - epsilon_low
-    epsilon_high: float = 0.2  # ratio clip above: 1 + epsilon_high
+    epsilon_high: float = 0.2  # ratio clip above: 1 + epsilon_high (cispo: the ratio's cap)
+    importance_sampling_level: str = "token"  # ratio per token, or sequence: one per reply (GSPO)
     mu: int = 1  # passes over each generated batch (the paper's μ)
     mini_batches: int = 1  # optimizer steps per pass, each on 1/N of the batch (verl's)
     advantage: str = "grpo"  # gradient coefficient (Table 10): grpo, grpo_batch_std, online_rft
     supervision: str = "outcome"  # outcome: one reward per reply; process: one per step too
     step_credit: str = "min"  # process: a token's credit, min (PURE) or sum (paper) of steps to go
-    loss_type: str = "grpo"  # token aggregation: grpo (paper), dapo (token mean), dr_grpo
+    loss_type: str = "grpo"  # token aggregation: grpo (paper), dapo (token mean), dr_grpo; cispo
+    mask_truncated_completions: bool = False  # leave cut-off replies out of the loss (DAPO)
     ref_sync_every: int = 0  # copy the policy into the reference every N steps; 0 = never
     learning_rate: float = 1e-6  # AdamW learning rate (constant)
     max_steps: int = 200  # GRPO steps (each: one generation, then mu x mini_batches updates)
@@ -156,15 +163,9 @@ def generate_completions(
     """Sample `num_generations` completions of each prompt, one token at a time, from
     softmax(logits / temperature) and nothing else; temperature 0 is greedy (for evaluation)."""
     device = next(model.parameters()).device
-    texts = [
-        tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
-        for p in prompts
-    ]
-    encoded = tokenizer(
-        texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False
-    ).to(device)
-    prompt_ids = encoded.input_ids.repeat_interleave(num_generations, dim=0)  # [B, Tp]
-    prompt_mask = encoded.attention_mask.repeat_interleave(num_generations, dim=0)  # [B, Tp]
+    question_ids, question_mask = encode_prompts(tokenizer, prompts, device)  # [P, Tp] templated
+    prompt_ids = question_ids.repeat_interleave(num_generations, dim=0)  # [B, Tp]
+    prompt_mask = question_mask.repeat_interleave(num_generations, dim=0)  # [B, Tp]
     eos_ids = end_of_reply_ids(model, tokenizer)  # [E]
     B = len(prompt_ids)
     T = max_completion_length
@@ -175,7 +176,9 @@ def generate_completions(
     done = torch.zeros(B, dtype=torch.bool, device=device)  # [B] has drawn an end-of-reply id
     model.eval()  # no dropout while sampling
     with autocast:
-        cache = prompt_cache(model, encoded.input_ids, encoded.attention_mask, num_generations)
+        cache = prompt_cache(
+            model, question_ids, question_mask, num_generations
+        )  # once per question
         decoder, cache, attention_mask = decoder_for(model, cache, attention_mask, compiled)
         for t in range(T):
             hidden = decoder(
@@ -192,11 +195,7 @@ def generate_completions(
                 break
     completion_ids = completion_ids[:, : t + 1]  # [B, T]
     mask = completion_mask(completion_ids, eos_ids.tolist())  # [B, T]
-    lengths = mask.sum(dim=1).tolist()  # [B]
-    texts = [
-        tokenizer.decode(ids[:n], skip_special_tokens=True)
-        for ids, n in zip(completion_ids, lengths)
-    ]
+    texts = decode_replies(tokenizer, completion_ids, mask)  # B strings
     return Rollout(prompt_ids, prompt_mask, completion_ids, mask, ~done, texts)
 
 
@@ -321,10 +320,12 @@ def per_token_logps(
     completion_length: int,
     temperature: float = 1.0,
     chunk_size: int = 1024,
+    entropy: bool = False,
 ):
     """log π(o_t | q, o_<t) = logit[o_t] - logsumexp(logits) of the last `completion_length` tokens
     of each row, logits = lm_head(h) / temperature (the sampler's, or another policy is scored),
-    over chunks of tokens recomputed in backward: no [B, T, V] tensor ever exists."""
+    over chunks of tokens recomputed in backward: no [B, T, V] tensor ever exists. entropy=True:
+    also each position's H = logsumexp(z) - Σ_v softmax(z)_v z_v, z the logits (no gradient)."""
     T = completion_length
     first = int(attention_mask.any(dim=0).int().argmax())  # columns of padding only: drop them
     input_ids = input_ids[:, first:]  # [B, Tp + T]
@@ -343,9 +344,14 @@ def per_token_logps(
     targets = input_ids[:, -T:].reshape(-1)  # [B*T]
     lm_head = model.get_output_embeddings()
 
-    def chunk_logps(h, y):  # [N, H], [N] -> [N]
+    def chunk_logps(h, y):  # [N, H], [N] -> [N] log-probs, [N] entropies (or None)
         logits = lm_head(h).float() / temperature  # [N, V]
-        return logits.gather(-1, y[:, None]).squeeze(-1) - logits.logsumexp(dim=-1)
+        normalizer = logits.logsumexp(dim=-1)  # [N]
+        logps = logits.gather(-1, y[:, None]).squeeze(-1) - normalizer
+        if not entropy:
+            return logps, None
+        with torch.no_grad():  # the entropy of softmax(logits), the sampler's distribution
+            return logps, normalizer - (logits.softmax(dim=-1) * logits).sum(dim=-1)
 
     chunks = []
     for i in range(0, len(targets), chunk_size):
@@ -354,20 +360,19 @@ def per_token_logps(
             chunks.append(checkpoint(chunk_logps, *args, use_reentrant=False))
         else:
             chunks.append(chunk_logps(*args))
-    return torch.cat(chunks).view(-1, T)  # [B, T]
+    logps = torch.cat([logps for logps, _ in chunks]).view(-1, T)  # [B, T]
+    if not entropy:
+        return logps
+    return logps, torch.cat([entropies for _, entropies in chunks]).view(-1, T)  # [B, T] twice
 
 
 def frozen_logps(model, input_ids, attention_mask, completion_length: int, cfg: Config, autocast):
     """Log-probs that the update does not change (old policy, reference), in micro-batches."""
-    mb = cfg.micro_batch_size
     settings = (completion_length, cfg.temperature, cfg.logp_chunk_size)
-    chunks = []
+    parts = zip(input_ids.split(cfg.micro_batch_size), attention_mask.split(cfg.micro_batch_size))
     with torch.no_grad(), autocast:
-        for i in range(0, len(input_ids), mb):
-            chunks.append(
-                per_token_logps(model, input_ids[i : i + mb], attention_mask[i : i + mb], *settings)
-            )
-    return torch.cat(chunks)  # [B, T]
+        logps = [per_token_logps(model, ids, mask, *settings) for ids, mask in parts]
+    return torch.cat(logps)  # [B, T]
 
 
 # ---- 5. The loss --------------------------------------------------------------------------------
@@ -386,6 +391,20 @@ def kl_estimate(
     return {"k1": -log_r, "k2": 0.5 * log_r**2, "k3": torch.exp(log_r) - log_r - 1}[kind]
 
 
+def importance_ratio(logp, old_logp, mask, level: str = "token") -> torch.Tensor:
+    """ρ_it = π_θ(o_it | q, o_i,<t) / π_θ_old(o_it | q, o_i,<t), one per token (the paper's), or
+    GSPO's one per completion (level="sequence"), the geometric mean of its tokens' ratios,
+    s_i = (π_θ(o_i | q) / π_θ_old(o_i | q))^(1/|o_i|) = exp(1/|o_i| Σ_t log ρ_it): [B, T], [B, 1]"""
+    log_ratio = logp - old_logp  # [B, T]
+    if level == "token":
+        return torch.exp(log_ratio)
+    if level != "sequence":
+        raise ValueError(f"unknown importance_sampling_level {level!r}; choose token or sequence")
+    mask = mask.float()  # [B, T]
+    mean = (log_ratio * mask).sum(dim=1, keepdim=True) / mask.sum(dim=1, keepdim=True).clamp(min=1)
+    return torch.exp(mean)  # [B, 1]: one ratio, on each of the completion's tokens
+
+
 def grpo_loss(
     logp,
     old_logp,
@@ -401,6 +420,7 @@ def grpo_loss(
     kl_estimator: str = "k3_ratio",
     num_sequences: int | None = None,
     num_tokens: int | None = None,
+    importance_sampling_level: str = "token",
 ):
     """The negated GRPO objective, and its diagnostics. Per token, Â_it given per token ([B, T]) or
     per completion ([B]: the same on each of its tokens),
@@ -410,20 +430,25 @@ def grpo_loss(
     The KL of whole completions, β weighing each completion's (1/B Σ_i KL_i, whatever loss_type):
     k1_to_go: no KL_it; Â_it - β w_i Σ_{t' >= t} k1_it' instead (k1 of the sample: of π_θ_old; w_i
     undoes loss_type's division of o_i's tokens: |o_i|, Σ|o|/B or max_completion_length); k1_is:
-    plus β/B Σ_it Π_{s <= t} ρ_is k1_it, its prefixes importance-weighted: exact off policy too."""
+    plus β/B Σ_it Π_{s <= t} ρ_is k1_it, its prefixes importance-weighted: exact off policy too.
+    GSPO: s_i for ρ_it (importance_sampling_level="sequence"). cispo (MiniMax-M1): X_it =
+    -sg(min(ρ_it, 1 + ε_high)) Â_it log π_θ(o_it) + β KL_it, dapo's mean: no token loses ∇."""
     mask = mask.float()  # [B, T]
-    ratio = torch.exp(logp - old_logp)  # [B, T]
+    ratio = importance_ratio(logp, old_logp, mask, importance_sampling_level)  # [B, T] or [B, 1]
     A = advantages.view(len(logp), -1)  # [B, 1] one per completion, or [B, T] one per token
     num_sequences = num_sequences or logp.shape[0]
-    num_tokens = num_tokens or mask.sum()
+    num_tokens = num_tokens or mask.sum().clamp(min=1)  # (every reply masked: a loss of 0)
     whole = kl_estimator in ("k1_to_go", "k1_is") and ref_logp is not None  # whole completions'
     if whole and kl_estimator == "k1_to_go":  # the KL to go as a reward: through ρ, clipped too
         lengths = mask.sum(dim=1, keepdim=True).clamp(min=1)  # [B, 1]
         weights = {"grpo": lengths, "dr_grpo": max_completion_length}  # w_i: one KL per completion
         w = weights.get(loss_type, num_tokens / num_sequences)  # dapo: Σ|o| / B
         A = A - beta * w * reward_to_go((old_logp - ref_logp) * mask)  # [B, T]
-    clipped = ratio.clamp(1 - epsilon_low, 1 + epsilon_high)  # [B, T]
-    per_token = -torch.minimum(ratio * A, clipped * A)  # [B, T]
+    if loss_type == "cispo":  # the weight capped, not the token: its gradient stopped, ∇log π kept
+        per_token = -ratio.clamp(max=1 + epsilon_high).detach() * A * logp  # [B, T]
+    else:
+        clipped = ratio.clamp(1 - epsilon_low, 1 + epsilon_high)  # [B, T] (GSPO: [B, 1])
+        per_token = -torch.minimum(ratio * A, clipped * A)  # [B, T]
     kind = "k1" if whole else kl_estimator  # (k1: what the diagnostics report)
     kl = kl_estimate(logp, ref_logp, kind, old_logp) if ref_logp is not None else None
     if kl is not None and beta != 0 and not whole:
@@ -431,7 +456,7 @@ def grpo_loss(
     if loss_type == "grpo":
         per_sequence = (per_token * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)  # [B]
         loss = per_sequence.sum() / num_sequences
-    elif loss_type in ("dapo", "bnpo"):  # bnpo: its former name (TRL's bnpo is per micro-batch)
+    elif loss_type in ("dapo", "bnpo", "cispo"):  # bnpo: dapo's old name (TRL's is per micro-batch)
         loss = (per_token * mask).sum() / num_tokens
     elif loss_type == "dr_grpo":
         loss = (per_token * mask).sum() / (num_sequences * max_completion_length)
@@ -460,8 +485,10 @@ def update_policy(policy, optimizer, batch: dict, cfg: Config, autocast):
     the optimizer steps, [(tokens, diagnostics)] per micro-batch)."""
     mask = batch["completion_mask"]  # [B, T]
     T = mask.shape[1]
-    names = "beta epsilon_low epsilon_high loss_type max_completion_length kl_estimator".split()
+    names = """beta epsilon_low epsilon_high loss_type max_completion_length kl_estimator
+        importance_sampling_level""".split()
     loss_settings = {name: getattr(cfg, name) for name in names}
+    logp_settings = (T, cfg.temperature, cfg.logp_chunk_size)
     losses = []
     grad_norms = []  # one per optimizer step: mu x mini_batches of them
     diagnostics = []
@@ -473,18 +500,11 @@ def update_policy(policy, optimizer, batch: dict, cfg: Config, autocast):
         optimizer.zero_grad(set_to_none=True)
         loss_settings.update(num_sequences=len(part), num_tokens=int(mask[part].sum()))
         for mb in part.split(cfg.micro_batch_size):
-            with autocast:
-                logp = per_token_logps(
-                    policy,
-                    batch["input_ids"][mb],
-                    batch["attention_mask"][mb],
-                    T,
-                    cfg.temperature,
-                    cfg.logp_chunk_size,
-                )  # [b, T]
-            old = (
-                batch["old_logp"][mb] if batch["old_logp"] is not None else logp.detach()
-            )  # mu = 1
+            inputs = (batch["input_ids"][mb], batch["attention_mask"][mb])
+            with autocast:  # [b, T] each; the entropy for the log (no gradient)
+                logp, entropy = per_token_logps(policy, *inputs, *logp_settings, entropy=True)
+            # mu = 1 and one mini-batch: π_θ_old is π_θ itself, as the sampler left it
+            old = logp.detach() if batch["old_logp"] is None else batch["old_logp"][mb]
             ref = batch["ref_logp"][mb] if batch["ref_logp"] is not None else None
             loss, diag = grpo_loss(
                 logp, old, ref, batch["advantages"][mb], mask[mb], **loss_settings
@@ -492,6 +512,7 @@ def update_policy(policy, optimizer, batch: dict, cfg: Config, autocast):
             require_finite(loss, "the loss")
             loss.backward()
             losses.append(loss.item())
+            diag["entropy"] = (entropy * mask[mb]).sum().item() / max(int(mask[mb].sum()), 1)
             diagnostics.append((int(mask[mb].sum()), diag))
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
         require_finite(grad_norm, "the gradient")
@@ -518,6 +539,9 @@ def grpo_step(
     input_ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], dim=1)  # [B, Tp + T]
     attention_mask = torch.cat([rollout.prompt_mask, rollout.completion_mask], dim=1)
     T = rollout.completion_ids.shape[1]
+    loss_mask = rollout.completion_mask  # [B, T]
+    if cfg.mask_truncated_completions:  # DAPO's overlong filtering: a reply cut off is left out
+        loss_mask = loss_mask * ~rollout.truncated[:, None]  # [B, T]
     old_logp = None
     ref_logp = None
     with timed(times, "time/logps", device):
@@ -530,26 +554,15 @@ def grpo_step(
     batch = {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
-        "completion_mask": rollout.completion_mask,
+        "completion_mask": loss_mask,
         "advantages": advantages.to(device),
         "old_logp": old_logp,
         "ref_logp": ref_logp,
     }
     with timed(times, "time/update", device):  # 5. the clipped surrogate, then AdamW
-        loss, grad_norm, diagnostics = update_policy(policy, optimizer, batch, cfg, autocast)
-    task_metrics = rewards.step_statistics(rollout.texts)  # steps/: per reply, holding, repeated
-    metrics = step_metrics(
-        rollout,
-        total,
-        components,
-        cfg.num_generations,
-        loss,
-        grad_norm,
-        optimizer,
-        diagnostics,
-        device,
-        task_metrics,
-    )
+        update = update_policy(policy, optimizer, batch, cfg, autocast)  # loss, grad norm, diag.
+    task = rewards.step_statistics(rollout.texts)  # the task's steps/: per reply, holding, repeated
+    metrics = step_metrics(rollout, total, components, cfg.num_generations, update, task, optimizer)
     return {**times, **metrics}, rollout, total, batch["advantages"]
 
 
@@ -629,15 +642,7 @@ def train(cfg: Config) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = None
-    try:
-        cfg = parse_args(Config, argv)
-        train(cfg)
-    except ConfigError as error:  # to stderr, exit code 2: as argparse's own errors
-        print(f"grpo.py: error: {error}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:  # outside the loop (loading, evaluating): what is kept, one line
-        sys.exit(said_on_ctrl_c(cfg))
+    run_main(Config, train, argv)  # a bad flag or file: one line that says what to do
 
 
 if __name__ == "__main__":

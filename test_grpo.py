@@ -21,6 +21,7 @@ from grpo import (  # noqa: E402
     generate_completions,
     group_advantages,
     grpo_loss,
+    importance_ratio,
     kl_estimate,
     per_token_logps,
     sample_tokens,
@@ -522,6 +523,46 @@ def test_log_probs_keep_no_vocabulary_sized_tensor_for_the_backward_pass(tiny):
     )
 
 
+@pytest.mark.parametrize("grad", [True, False])
+def test_entropy_is_that_of_the_softmax_at_the_sampling_temperature(tiny, grad):
+    """H_t = -Σ_v p_v log p_v with p = softmax(logits / T), the distribution o_t was drawn from, in the same
+    chunks as the log-probs (chunks of 5 here, across rows), with and without the gradient's checkpointing."""
+    model, tokenizer = tiny
+    input_ids, attention_mask, mask = random_batch(model, tokenizer)
+    K = mask.shape[1]
+    with torch.set_grad_enabled(grad):
+        logp, entropy = per_token_logps(
+            model, input_ids, attention_mask, K, 0.7, chunk_size=5, entropy=True
+        )
+    with torch.no_grad():
+        position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+        logits = model(input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+        z = logits[:, -K - 1 : -1].float() / 0.7
+        expected = -(z.softmax(-1) * z.log_softmax(-1)).sum(-1)
+    assert entropy.shape == logp.shape == mask.shape, (
+        f"one entropy per completion token: {entropy.shape}"
+    )
+    # float32 sums of V terms in another order: seen within 1e-6; 1e-5 leaves room for other CPUs.
+    close(
+        entropy,
+        expected,
+        "the entropy of softmax(logits / temperature) at each completion position (the sampler's "
+        "distribution): logsumexp(z) - Σ softmax(z) z, z = logits / temperature",
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    assert not entropy.requires_grad, (
+        "the entropy is logged, not optimized: no gradient (torch.no_grad)"
+    )
+    close(
+        logp.detach(),
+        per_token_logps(model, input_ids, attention_mask, K, 0.7, chunk_size=5),
+        "asking for the entropy must not change the log-probs",
+        rtol=0,
+        atol=0,
+    )
+
+
 def test_kl_estimators_reference_values():
     log_r = torch.tensor([-1.0, 0.5, 2.0])  # log_r = ref_logp - logp
     logp = torch.zeros(3)
@@ -634,9 +675,67 @@ def test_an_unknown_kl_estimator_or_loss_type_is_refused_by_name():
     )
     settings = dict(beta=0.04, epsilon_low=0.2, epsilon_high=0.2, max_completion_length=4)
     error = raised_by(lambda: grpo_loss(**TWO_COMPLETIONS, loss_type="ppo", **settings))
-    said = "unknown loss_type 'ppo'; choose one of grpo, dapo, dr_grpo"
+    said = "unknown loss_type 'ppo'; choose one of grpo, dapo, dr_grpo, cispo"
     assert isinstance(error, ValueError) and said in str(error), (
         f"grpo_loss with an unknown loss_type must raise ValueError: {said} (it raised {error!r})"
+    )
+
+
+# The importance ratio: per token (the paper's), or one per completion (GSPO)
+
+
+def test_importance_ratio_per_token_and_gspos_per_completion():
+    """Sequence level: s_i = exp(1/|o_i| Σ_t log ρ_it) over the reply's own tokens. Row 0's log-ratios are
+    0.1, 0.3, -0.1 (mean 0.1), row 1's 0.2, -0.3 (mean -0.05); the padding's junk (-1.9 on row 0) stays out."""
+    logp, old, mask = (TWO_COMPLETIONS[name] for name in ("logp", "old_logp", "mask"))
+    close(
+        importance_ratio(logp, old, mask),
+        torch.exp(logp - old),
+        "token level: ρ_it = π_θ / π_θ_old = e^(logp - old_logp), one per token",
+    )
+    s = importance_ratio(logp, old, mask, "sequence")
+    assert s.shape == (2, 1), (
+        f"one ratio per completion, [B, 1] (it broadcasts over tokens): {tuple(s.shape)}"
+    )
+    expected = torch.tensor([[math.exp(0.1)], [math.exp(-0.05)]])
+    close(
+        s,
+        expected,
+        "GSPO's ratio: the geometric mean of the reply's token ratios, exp(1/|o_i| Σ_t log ρ_it), the mean over "
+        "its own tokens (the mask), never the padding; the mean of the log-ratios, not of the ratios, and not "
+        "their sum (the whole reply's ratio: a long reply's would explode)",
+        rtol=0,
+        atol=1e-6,
+    )
+
+
+def test_the_sequence_ratios_gradient_is_its_value_times_the_mean_of_the_tokens():
+    """∂s_i/∂log π_θ(o_it) = s_i / |o_i| on the reply's tokens, 0 on its padding: the gradient flows through the
+    mean (GSPO's ∇s_i = s_i 1/|o_i| Σ_t ∇log π_θ(o_it))."""
+    logp = TWO_COMPLETIONS["logp"].clone().requires_grad_(True)
+    old, mask = TWO_COMPLETIONS["old_logp"], TWO_COMPLETIONS["mask"]
+    s = importance_ratio(logp, old, mask, "sequence")
+    assert s.requires_grad, (
+        "the gradient must flow through the sequence ratio (no detach): GSPO learns by it"
+    )
+    (gradient,) = torch.autograd.grad(s.sum(), logp)
+    expected = s.detach() * mask / mask.sum(dim=1, keepdim=True)
+    close(
+        gradient,
+        expected,
+        "∂s_i/∂logp_it = s_i / |o_i| on the reply's own tokens and 0 on its padding: the gradient must flow "
+        "through the sequence ratio (no detach)",
+        rtol=0,
+        atol=1e-6,
+    )
+
+
+def test_an_unknown_importance_sampling_level_is_refused_by_name():
+    logp = torch.zeros(1, 2)
+    error = raised_by(lambda: importance_ratio(logp, logp, torch.ones(1, 2), "tokens"))
+    said = "unknown importance_sampling_level 'tokens'; choose token or sequence"
+    assert isinstance(error, ValueError) and said in str(error), (
+        f"importance_ratio with an unknown level must raise ValueError: {said} (it raised {error!r})"
     )
 
 
@@ -939,4 +1038,65 @@ def test_k1_to_go_puts_the_kl_to_go_in_the_advantage_not_in_the_loss():
     k1 = ((TWO_COMPLETIONS["logp"] - ref) * mask).sum() / mask.sum()
     assert diagnostics["kl"] == pytest.approx(k1.item(), abs=1e-6), (
         "k1_to_go reports k1's token mean as the KL"
+    )
+
+
+# What GRPO became: GSPO's sequence ratio and CISPO's capped weight in the loss
+
+SETTINGS = dict(beta=0.0, epsilon_low=0.2, max_completion_length=4)
+
+
+def test_gspo_clips_whole_replies_at_their_sequence_ratio():
+    """s_0 = e^0.1 = 1.105, s_1 = e^-0.05 = 0.951. With ε_high 0.2 neither is clipped: the loss is
+    -1/B Σ_i s_i Â_i. With ε_high 0.05, s_0 > 1.05 with Â > 0: every token of reply 0 loses its gradient,
+    where the token-level ratio keeps token 2's (ρ = e^-0.1 is inside the range)."""
+    logp = TWO_COMPLETIONS["logp"].clone().requires_grad_(True)
+    args = (
+        TWO_COMPLETIONS["old_logp"],
+        None,
+        TWO_COMPLETIONS["advantages"],
+        TWO_COMPLETIONS["mask"],
+    )
+    gspo = dict(SETTINGS, loss_type="grpo", importance_sampling_level="sequence")
+    loss, _ = grpo_loss(logp, *args, epsilon_high=0.2, **gspo)
+    expected = -(math.exp(0.1) * 0.8 + math.exp(-0.05) * -0.5) / 2
+    assert loss.item() == pytest.approx(expected, abs=1e-6), (
+        "GSPO: -min(s_i Â_i, clip(s_i, 1 - ε_low, 1 + ε_high) Â_i) on every token of reply i, s_i its sequence "
+        "ratio, then grpo's mean"
+    )
+    loss, _ = grpo_loss(logp, *args, epsilon_high=0.05, **gspo)
+    (gradient,) = torch.autograd.grad(loss, logp)
+    assert torch.equal(gradient[0], torch.zeros(4)) and gradient[1, :2].abs().min() > 0, (
+        "GSPO clips a whole reply: s_0 = 1.105 > 1 + ε_high with Â > 0 stops the gradient of all its tokens, "
+        f"reply 1's (inside the range) keeps its own: {gradient}"
+    )
+    token_level = dict(gspo, importance_sampling_level="token")
+    (gradient,) = torch.autograd.grad(
+        grpo_loss(logp, *args, epsilon_high=0.05, **token_level)[0], logp
+    )
+    assert gradient[0, 2] != 0, "token level: token 2 of reply 0 (ρ = e^-0.1) keeps its gradient"
+
+
+def test_cispo_caps_the_weight_stops_its_gradient_and_keeps_every_tokens():
+    """CISPO: X_it = -sg(min(ρ_it, 1 + ε_high)) Â_i log π_θ(o_it), a token mean over the batch (5 tokens). Its
+    gradient on each token is -min(ρ_it, 1.2) Â_i / 5, the tokens that PPO's clip would stop included (ρ = e^0.3
+    with Â > 0, ρ = e^-0.3 with Â < 0), and 0 on the padding."""
+    logp = TWO_COMPLETIONS["logp"].clone().requires_grad_(True)
+    old, mask = TWO_COMPLETIONS["old_logp"], TWO_COMPLETIONS["mask"]
+    A = TWO_COMPLETIONS["advantages"]
+    loss, _ = grpo_loss(logp, old, None, A, mask, epsilon_high=0.2, loss_type="cispo", **SETTINGS)
+    weight = torch.exp(logp.detach() - old).clamp(max=1.2)  # [B, T]
+    expected = -(weight * A[:, None] * logp.detach() * mask).sum() / 5
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-6), (
+        "CISPO's loss: -Σ_it sg(min(ρ_it, 1 + ε_high)) Â_i log π_θ(o_it) / Σ|o| (the weight capped at 1 + ε_high, "
+        "no lower bound; dapo's token mean over the batch)"
+    )
+    (gradient,) = torch.autograd.grad(loss, logp)
+    close(
+        gradient,
+        -(weight * A[:, None] * mask) / 5,
+        "CISPO's gradient per token: -min(ρ, 1 + ε_high) Â / Σ|o|. The weight's gradient is stopped (sg: "
+        ".detach()), so no token loses its own, not even one PPO's clip would stop; Σ|o| is the batch's tokens",
+        rtol=0,
+        atol=1e-6,
     )

@@ -59,12 +59,19 @@ EXERCISES = {
         "test_left_padding_does_not_change_logps",
         "test_log_probs_keep_no_vocabulary_sized_tensor_for_the_backward_pass",
         "test_per_token_logps_of_a_bf16_model_take_the_log_softmax_in_float32",
+        "test_entropy_is_that_of_the_softmax_at_the_sampling_temperature[True]",
+        "test_entropy_is_that_of_the_softmax_at_the_sampling_temperature[False]",
     ],
     "kl_estimate": [
         "test_kl_estimators_reference_values",
         "test_k3_ratio_is_k3_times_the_ratio_and_k1_is_refused",
         "test_which_kl_gradient_each_estimator_gives_as_a_loss",
         "test_an_unknown_kl_estimator_or_loss_type_is_refused_by_name",
+    ],
+    "importance_ratio": [
+        "test_importance_ratio_per_token_and_gspos_per_completion",
+        "test_the_sequence_ratios_gradient_is_its_value_times_the_mean_of_the_tokens",
+        "test_an_unknown_importance_sampling_level_is_refused_by_name",
     ],
     "grpo_loss": [
         "test_grpo_loss_reference_values",
@@ -77,6 +84,8 @@ EXERCISES = {
         "test_per_token_advantages_equal_to_each_completions_one_give_the_same_loss_and_gradient",
         "test_k1_to_go_puts_the_kl_to_go_in_the_advantage_not_in_the_loss",
         "test_an_unknown_kl_estimator_or_loss_type_is_refused_by_name",
+        "test_gspo_clips_whole_replies_at_their_sequence_ratio",
+        "test_cispo_caps_the_weight_stops_its_gradient_and_keeps_every_tokens",
     ],
 }
 PART1 = list(EXERCISES)

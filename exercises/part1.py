@@ -86,16 +86,20 @@ def per_token_logps(
     completion_length: int,
     temperature: float = 1.0,
     chunk_size: int = 1024,
+    entropy: bool = False,
 ):
     """log π(o_t | q, o_<t) = logit[o_t] - logsumexp(logits) of the last `completion_length` tokens
     of each row, logits = lm_head(h) / temperature (the sampler's, or another policy is scored),
-    over chunks of tokens recomputed in backward: no [B, T, V] tensor ever exists.
+    over chunks of tokens recomputed in backward: no [B, T, V] tensor ever exists. entropy=True:
+    also each position's H = logsumexp(z) - Σ_v softmax(z)_v z_v, z the logits (no gradient).
 
     input_ids, attention_mask [B, Tp + T], prompts left-padded -> [B, T]. The hidden states:
     model.get_decoder()(input_ids=..., attention_mask=..., position_ids=...).last_hidden_state,
     positions counted from the mask (cumsum - 1); lm_head: model.get_output_embeddings(). The
     hidden state at position j predicts token j + 1. Chunks of `chunk_size` tokens, each through
-    checkpoint(fn, h, y, use_reentrant=False) when torch.is_grad_enabled()."""
+    checkpoint(fn, h, y, use_reentrant=False) when torch.is_grad_enabled(). entropy=True returns
+    (log-probs, entropies), both [B, T] float32, the entropies computed in the same chunks from the
+    same logits (at the temperature), under torch.no_grad()."""
     raise NotImplementedError("per_token_logps")
 
 
@@ -113,6 +117,17 @@ def kl_estimate(
     raise NotImplementedError("kl_estimate")
 
 
+def importance_ratio(logp, old_logp, mask, level: str = "token") -> torch.Tensor:
+    """ρ_it = π_θ(o_it | q, o_i,<t) / π_θ_old(o_it | q, o_i,<t), one per token (the paper's), or
+    GSPO's one per completion (level="sequence"), the geometric mean of its tokens' ratios,
+    s_i = (π_θ(o_i | q) / π_θ_old(o_i | q))^(1/|o_i|) = exp(1/|o_i| Σ_t log ρ_it): [B, T], [B, 1]
+
+    logp (with gradient), old_logp, mask [B, T] -> [B, T] ("token") or [B, 1] ("sequence"). The
+    mean is over each reply's own tokens (the mask), never its padding; the gradient flows through
+    the sequence ratio too. An unknown level: ValueError naming it and the choices."""
+    raise NotImplementedError("importance_ratio")
+
+
 def grpo_loss(
     logp,
     old_logp,
@@ -128,6 +143,7 @@ def grpo_loss(
     kl_estimator: str = "k3_ratio",
     num_sequences: int | None = None,
     num_tokens: int | None = None,
+    importance_sampling_level: str = "token",
 ):
     """The negated GRPO objective, and its diagnostics. Per token, Â_it given per token ([B, T]) or
     per completion ([B]: the same on each of its tokens),
@@ -138,11 +154,14 @@ def grpo_loss(
     k1_to_go: no KL_it; Â_it - β w_i Σ_{t' >= t} k1_it' instead (k1 of the sample: of π_θ_old; w_i
     undoes loss_type's division of o_i's tokens: |o_i|, Σ|o|/B or max_completion_length); k1_is:
     plus β/B Σ_it Π_{s <= t} ρ_is k1_it, its prefixes importance-weighted: exact off policy too.
+    GSPO: s_i for ρ_it (importance_sampling_level="sequence"). cispo (MiniMax-M1): X_it =
+    -sg(min(ρ_it, 1 + ε_high)) Â_it log π_θ(o_it) + β KL_it, dapo's mean: no token loses ∇.
 
     logp [b, T] (with gradient), old_logp and ref_logp [b, T] (ref_logp None: no KL term), mask
     [b, T]; this call may hold a micro-batch of b rows: num_sequences and num_tokens, when given,
     are the whole batch's B and Σ|o_i| (None: this call's). Returns (loss, diagnostics), the
     diagnostics floats over the mask's tokens: "kl" (the KL term's mean; 0.0 without ref_logp;
     k1's for k1_to_go and k1_is), "clip/low_frac" (ρ < 1 - ε_low with Â < 0), "clip/high_frac" (ρ > 1 +
-    ε_high with Â > 0), "ratio_mean". Use your kl_estimate, and reward_to_go for k1_to_go."""
+    ε_high with Â > 0), "ratio_mean". Use your kl_estimate and importance_ratio, and reward_to_go
+    for k1_to_go."""
     raise NotImplementedError("grpo_loss")

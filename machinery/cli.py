@@ -1,11 +1,12 @@
 """The command line as a Config, and every check that can fail before a model loads."""
 
+import sys
 from dataclasses import fields, replace
 from pathlib import Path
 
-from machinery.checkpoints import check_output_dir, run_config
+from machinery.checkpoints import check_output_dir, run_config, said_on_ctrl_c
 from machinery.devices import compiles_by_default, pick_device
-from machinery.flags import CHOICES, flag, flag_parser, require, typed_flags
+from machinery.flags import CHOICES, ConfigError, flag, flag_parser, require, typed_flags
 from machinery.hub import check_sources
 
 POSITIVE = """prompts_per_step max_completion_length max_steps mu mini_batches temperature
@@ -24,6 +25,20 @@ def parse_args(config_class, argv: list[str] | None = None, parser=None):
     run = run_config(output_dir) if typed.get("resume") else {}
     kept = names - set(typed) - {"resume", "compile"}
     return config_class(**{k: v for k, v in run.items() if k in kept}, **typed)
+
+
+def run_main(config_class, train, argv: list[str] | None = None) -> None:
+    """`python grpo.py ARGS`: train(the flags as a config). Bad input: one line on stderr, exit
+    code 2, as argparse's own errors; Ctrl-C outside the loop (loading, evaluating): what's kept."""
+    cfg = None
+    try:
+        cfg = parse_args(config_class, argv)
+        train(cfg)
+    except ConfigError as error:
+        print(f"grpo.py: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(said_on_ctrl_c(cfg))
 
 
 def check_config(cfg, built_in_datasets: tuple[str, ...] = ()) -> None:
@@ -66,6 +81,19 @@ def check_config(cfg, built_in_datasets: tuple[str, ...] = ()) -> None:
         not (cfg.loss_type == "dr_grpo" and cfg.advantage == "grpo_batch_std"),
         "--loss-type dr_grpo drops the std from Â (Dr. GRPO), the batch's too: --advantage "
         "grpo_batch_std would be discarded. Use one of them.",
+    )
+    gspo = cfg.importance_sampling_level == "sequence"
+    require(
+        not gspo or cfg.loss_type == "grpo",
+        f"--importance-sampling-level sequence (GSPO) with --loss-type {cfg.loss_type}: one ratio "
+        "per reply belongs to a mean over replies; a sum over tokens weighs each by its length "
+        "(TRL only warns). Use --loss-type grpo.",
+    )
+    require(
+        not gspo or (cfg.supervision == "outcome" and cfg.kl_estimator != "k1_to_go"),
+        "--importance-sampling-level sequence (GSPO) gives each token its reply's ratio, and so "
+        "the reply's mean gradient: per-token advantages (--supervision process, --kl-estimator "
+        "k1_to_go) would be averaged away. Use token-level ratios with them.",
     )
     require(
         not (cfg.lora_r and cfg.ref_sync_every),

@@ -18,6 +18,27 @@ def end_of_reply_ids(model, tokenizer) -> torch.Tensor:
     return torch.tensor(sorted({i for i in ids if i is not None}), device=device)
 
 
+def encode_prompts(tokenizer, prompts: list[list[dict]], device):
+    """(ids, mask) [P, Tp]: each chat through the model's chat template, left-padded."""
+    texts = [
+        tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+        for p in prompts
+    ]
+    encoded = tokenizer(
+        texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False
+    ).to(device)
+    return encoded.input_ids, encoded.attention_mask
+
+
+def decode_replies(tokenizer, completion_ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
+    """Each completion's text, up to its end-of-reply token, without special tokens."""
+    lengths = mask.sum(dim=1).tolist()  # [B]
+    return [
+        tokenizer.decode(ids[:n], skip_special_tokens=True)
+        for ids, n in zip(completion_ids, lengths)
+    ]
+
+
 def prompt_cache(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, repeats: int):
     """Keys and values of each prompt but its last token, computed once and repeated for its G
     completions. The pass that takes the cache feeds the last token: it predicts the first one."""

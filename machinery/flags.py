@@ -24,11 +24,12 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
+LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "cispo")
 KL_ESTIMATORS = ("k1", "k2", "k3", "k3_ratio")
 CHOICES = {
     "loss_type": (*LOSS_TYPES, "bnpo"),  # bnpo: dapo's former name
     "kl_estimator": (*KL_ESTIMATORS, "k1_to_go", "k1_is"),
+    "importance_sampling_level": ("token", "sequence"),
     "advantage": ("grpo", "grpo_batch_std", "online_rft"),
     "supervision": ("outcome", "process"),
     "step_credit": ("min", "sum"),

@@ -52,6 +52,8 @@ PANELS = {
     "accuracy format_rate": "accuracy (answer = 1), format rate (strict)",
     "kl": "KL(policy || reference), log scale",
     "completion/len_mean": "mean completion length (tokens)",
+    "entropy": "policy entropy per token (nats, at the sampling temperature)",
+    "grad_norm": "gradient norm (before clipping)",
 }
 
 
@@ -62,8 +64,8 @@ def plot_curves(metrics_path: Path, out_path: Path):
     records = read_jsonl(metrics_path)
     if not records:  # no step yet: no picture
         return None
-    fig = Figure(figsize=(9, 6), dpi=80, layout="tight")
-    for ax, (keys, title) in zip(fig.subplots(2, 2).flat, PANELS.items()):
+    fig = Figure(figsize=(9, 9), dpi=80, layout="tight")
+    for ax, (keys, title) in zip(fig.subplots(3, 2).flat, PANELS.items()):
         for key in keys.split():
             ax.plot([r["step"] for r in records], [r.get(key) for r in records], label=key)
         ax.set(title=title, xlabel="step")

@@ -11,6 +11,7 @@ from machinery.logs import append_jsonl, read_jsonl
 PATIENCE = 3  # steps in a row
 MOST = 0.5  # a fraction of the batch
 KL_LIMIT = 0.5  # KL per token
+ENTROPY_FLOOR = 0.05  # nats per token: a policy that samples nearly the same reply each time
 DIAGNOSTICS = {  # name: (steps in a row, condition, what it means and what to do)
     "truncated": (
         PATIENCE,
@@ -36,6 +37,13 @@ DIAGNOSTICS = {  # name: (steps in a row, condition, what it means and what to d
         "the gradient is 0: the weights do not change. No group has an advantage, or nothing is "
         "trainable.",
     ),
+    "entropy": (
+        PATIENCE,
+        lambda m: m.get("entropy", ENTROPY_FLOOR) < ENTROPY_FLOOR,
+        f"the policy's entropy fell below {ENTROPY_FLOOR} nats per token: it samples nearly one "
+        "reply per question, its groups stop differing and Â goes to 0 (entropy collapse). Raise "
+        "--epsilon-high (0.28: DAPO's clip-higher), --temperature or --beta.",
+    ),
     "kl": (
         1,
         lambda m: m["kl"] > KL_LIMIT,
@@ -50,23 +58,14 @@ def require_finite(value: torch.Tensor, what: str) -> None:
         raise FloatingPointError(f"{what} is not finite. Lower --learning-rate, or use fp32.")
 
 
-def step_metrics(
-    rollout,
-    rewards,
-    components,
-    group_size: int,
-    loss: float,
-    grad_norm: float,
-    optimizer,
-    diagnostics: list[tuple[int, dict]],
-    device,
-    task_metrics: dict,
-) -> dict:
+def step_metrics(rollout, rewards, components, group_size: int, update, task_metrics, optimizer):
     """One line of metrics.jsonl: rewards, accuracy, format, groups, lengths, the task's own
-    metrics, the loss and its diagnostics (token-weighted over micro-batches and passes)."""
+    metrics, the update's (loss, grad norm, [(tokens, diagnostics)]) with the diagnostics
+    token-weighted over micro-batches and passes."""
+    loss, grad_norm, diagnostics = update
     lengths = rollout.completion_mask.sum(dim=1).float()  # [B]
     grouped = rewards.view(-1, group_size)  # [P, G]
-    tokens = sum(n for n, _ in diagnostics)
+    tokens = max(sum(n for n, _ in diagnostics), 1)  # (0: every reply masked as truncated)
     parts = {"total": rewards, **components}
     return {
         **{f"reward/{name}": r.mean().item() for name, r in parts.items()},
@@ -82,7 +81,7 @@ def step_metrics(
         "grad_norm": grad_norm,  # the mean over the step's optimizer steps
         "lr": optimizer.param_groups[0]["lr"],
         **{key: sum(n * d[key] for n, d in diagnostics) / tokens for key in diagnostics[0][1]},
-        "memory/peak_mb": peak_memory_mb(device),
+        "memory/peak_mb": peak_memory_mb(rollout.completion_ids.device),
     }
 
 

@@ -33,7 +33,13 @@ from machinery.logs import append_jsonl, log_samples, plot_curves, read_jsonl  #
 # Our loss modes by what they compute (TRL 1.16, GRPOTrainer._compute_loss): TRL's `grpo` is the
 # mean over sequences of each one's token mean, `dapo` the token mean over the whole batch (TRL's
 # `bnpo` divides by each micro-batch's own tokens), `dr_grpo` the token sum over (B x L).
-LOSS_TYPES = {"grpo": "grpo", "dapo": "dapo", "bnpo": "dapo", "dr_grpo": "dr_grpo"}
+LOSS_TYPES = {
+    "grpo": "grpo",
+    "dapo": "dapo",
+    "bnpo": "dapo",
+    "dr_grpo": "dr_grpo",
+    "cispo": "cispo",
+}
 # Flags that TRL has no equivalent for: refused when set (`--no-compile` asks nothing of TRL).
 NO_TRL_EQUIVALENT = {
     "logp_chunk_size": "TRL computes log-probs its own way",
@@ -69,6 +75,7 @@ TRL_METRICS = {
     "clip/low_frac": "clip_ratio/low_mean",
     "clip/high_frac": "clip_ratio/high_mean",
     "grad_norm": "grad_norm",
+    "entropy": "entropy",
     "lr": "learning_rate",
 }
 
@@ -145,7 +152,10 @@ def trl_config(cfg: grpo.Config, num_processes: int = 1, use_vllm: bool = False)
         repetition_penalty=1.0,
         beta=cfg.beta,
         epsilon=cfg.epsilon_low,
-        epsilon_high=cfg.epsilon_high,
+        # TRL's cispo caps the ratio at epsilon_high itself (ScaleRL's ε_max), grpo.py's at 1 + it
+        epsilon_high=cfg.epsilon_high + (cfg.loss_type == "cispo"),
+        importance_sampling_level=cfg.importance_sampling_level,  # sequence: GSPO
+        mask_truncated_completions=cfg.mask_truncated_completions,
         use_bias_correction_kl=cfg.kl_estimator == "k3_ratio",  # k3 x π_θ / π_θ_old, or plain k3
         loss_type=LOSS_TYPES[cfg.loss_type],
         scale_rewards="none" if cfg.loss_type == "dr_grpo" else SCALE_REWARDS[cfg.advantage],
