@@ -37,8 +37,10 @@ FORMULAS = (
     "group_advantages",
     "process_advantages",
     "reward_to_go",
+    "min_to_go",
     "per_token_logps",
     "kl_estimate",
+    "importance_ratio",
     "grpo_loss",
 )
 END_TO_END = (

@@ -303,6 +303,7 @@ def one_step(cfg, rows, monkeypatch, steps=1):
                 old_logp=old_logp.clone(),
                 advantages=advantages.clone(),
                 ref_logp=None if ref_logp is None else ref_logp.clone(),
+                mask=mask.clone(),
                 settings=settings,
             )
         )

@@ -43,7 +43,8 @@ def test_help_shows_choices_defaults_and_examples_whole():
     help_text = result.stdout
     for choices in (
         "{k1,k2,k3,k3_ratio,k1_to_go,k1_is}",
-        "{grpo,dapo,dr_grpo,bnpo}",
+        "{grpo,dapo,dr_grpo,cispo,bnpo}",
+        "{token,sequence}",
         "{auto,fp32,bf16}",
         "{auto,cuda,mps,cpu}",
     ):

@@ -41,6 +41,8 @@ def test_plot_curves_draws_a_png_from_the_metrics(tmp_path):
             "format_rate": 0.1 * i,
             "kl": 0.01 * i,
             "completion/len_mean": 10 + i,
+            "entropy": 1.0 / i,
+            "grad_norm": 0.5,
         }
         for i in range(1, 6)
     ]
@@ -57,9 +59,11 @@ def test_plot_curves_draws_a_png_from_the_metrics(tmp_path):
         "accuracy (answer = 1), format rate (strict)",
         "KL(policy || reference), log scale",
         "mean completion length (tokens)",
+        "policy entropy per token (nats, at the sampling temperature)",
+        "gradient norm (before clipping)",
     ]
     scales = [ax.get_yscale() for ax in figure.axes]
-    assert scales == ["linear", "linear", "symlog", "linear"], (
+    assert scales == ["linear", "linear", "symlog", "linear", "linear", "linear"], (
         "one KL spike must not flatten the rest"
     )
     (tmp_path / "empty.jsonl").write_text("")
@@ -239,18 +243,21 @@ def test_evaluate_counts_right_answers_and_the_strict_format(monkeypatch):
     }
 
 
+HEALTHY_STEP = {  # a step's metrics that set off no diagnostic
+    "completion/truncated_frac": 0.0,
+    "groups/zero_std_frac": 0.0,
+    "reward/format": 0.5,
+    "grad_norm": 1.0,
+    "kl": 0.0,
+    "reward/total": 0.5,
+    "accuracy": 0.5,
+}
+
+
 def test_a_diagnostic_needs_its_steps_in_a_row(tmp_path):
     """Bug: `all` -> `any` over the last PATIENCE steps. Truncated on steps 1 and 3 but not 2: nothing said;
     then on PATIENCE steps in a row: said, once."""
-    base = {
-        "completion/truncated_frac": 0.0,
-        "groups/zero_std_frac": 0.0,
-        "reward/format": 0.5,
-        "grad_norm": 1.0,
-        "kl": 0.0,
-        "reward/total": 0.5,
-        "accuracy": 0.5,
-    }
+    base = HEALTHY_STEP
     pattern = [1.0, 0.0, 1.0] + [1.0] * (metrics.PATIENCE - 1)  # in a row from step 3 on
     for step, truncated in enumerate(pattern, 1):
         metrics.log_step(
@@ -258,3 +265,17 @@ def test_a_diagnostic_needs_its_steps_in_a_row(tmp_path):
         )
     said = said_in(tmp_path)
     assert said == {"truncated": 2 + metrics.PATIENCE}
+
+
+def test_an_entropy_collapse_is_said_with_what_to_try(tmp_path):
+    """The entropy below ENTROPY_FLOOR for PATIENCE steps in a row: said once, naming the flags to try. A step
+    without an entropy (a run from before it was logged, resumed) says nothing."""
+    base = HEALTHY_STEP
+    floor = metrics.ENTROPY_FLOOR
+    pattern = [None, floor / 2, floor, floor / 2] + [floor / 10] * (metrics.PATIENCE - 1)
+    for step, entropy in enumerate(pattern, 1):
+        line = base if entropy is None else {**base, "entropy": entropy}
+        metrics.log_step(tmp_path, step, dict(line), SilentBar())
+    assert said_in(tmp_path) == {"entropy": 3 + metrics.PATIENCE}  # floor itself is not below it
+    message = metrics.DIAGNOSTICS["entropy"][2]
+    assert all(flag in message for flag in ("--epsilon-high", "--temperature", "--beta"))

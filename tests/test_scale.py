@@ -40,6 +40,12 @@ TRL_FIELDS = [
     ("--loss-type dapo", "loss_type", "dapo"),
     ("--loss-type bnpo", "loss_type", "dapo"),  # ours is TRL's dapo (whole-batch token mean)
     ("--loss-type dr_grpo", "loss_type", "dr_grpo"),
+    ("--loss-type cispo", "loss_type", "cispo"),
+    ("--loss-type cispo --epsilon-high 4", "epsilon_high", 5.0),  # TRL's ε_max, our 1 + ε_high
+    ("--importance-sampling-level sequence", "importance_sampling_level", "sequence"),
+    ("--importance-sampling-level token", "importance_sampling_level", "token"),
+    ("--mask-truncated-completions", "mask_truncated_completions", True),
+    ("--no-mask-truncated-completions", "mask_truncated_completions", False),
     ("--loss-type dr_grpo", "scale_rewards", "none"),
     ("--loss-type grpo", "scale_rewards", "group"),
     ("--mu 2", "num_iterations", 2),
@@ -374,14 +380,11 @@ def trl_trainer(tiny_model_dir, tmp_path_factory):
     return trainer
 
 
-@pytest.mark.parametrize("mu", [1, 2])
-@pytest.mark.parametrize("kl_estimator", ["k3", "k3_ratio"])
-@pytest.mark.parametrize("loss_type", grpo.LOSS_TYPES)
-def test_logps_loss_and_gradient_agree_with_trl(
-    trl_trainer, tiny_model_dir, loss_type, kl_estimator, mu
-):
-    """Log-probs, loss and gradient equal TRL's on one batch, with the reference above and below the policy and
-    (mu = 2) ratios cut at both clip edges and inside them."""
+def agree_with_trl(trainer, tiny_model_dir, loss_type, kl_estimator, mu, **variant):
+    """Log-probs, entropies, loss and gradient of one batch, ours against TRL's `_compute_loss` with the same
+    settings. variant: epsilons (low, high), importance_sampling_level, mask_truncated_completions."""
+    low, high = variant.get("epsilons", (0.2, 0.28))
+    level = variant.get("importance_sampling_level", "token")
     generator = torch.Generator().manual_seed(0)
     prompt_ids = torch.randint(5, 30, (4, 4), generator=generator)
     prompt_mask = torch.tensor(
@@ -390,7 +393,7 @@ def test_logps_loss_and_gradient_agree_with_trl(
     completion_ids = torch.randint(5, 30, (4, 5), generator=generator)
     completion_mask = torch.tensor(
         [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 0, 0, 0, 0]]
-    )
+    )  # row 0 reaches max_completion_length: truncated
     input_ids, attention_mask = (
         torch.cat([prompt_ids, completion_ids], 1),
         torch.cat([prompt_mask, completion_mask], 1),
@@ -411,25 +414,44 @@ def test_logps_loss_and_gradient_agree_with_trl(
     ].any()  # both signs of the KL's log-ratio
     if (
         mu > 1
-    ):  # every branch of the clipped surrogate meets TRL's: cut below (Â < 0), cut above (Â > 0), inside
-        ratio, A = torch.exp(logp - old_logp)[kept], advantages[:, None].expand_as(logp)[kept]
-        assert ((ratio < 0.8) & (A < 0)).any() and ((ratio > 1.28) & (A > 0)).any()
-        assert ((ratio > 0.8) & (ratio < 1.28)).any() and ((ratio < 0.8) & (A > 0)).any()
+    ):  # every branch of the clipped surrogate meets TRL's: cut below (Â < 0), above (Â > 0), inside
+        ratio = grpo.importance_ratio(logp, old_logp, completion_mask, level).expand_as(logp)[kept]
+        A = advantages[:, None].expand_as(logp)[kept]
+        assert ((ratio < 1 - low) & (A < 0)).any() and ((ratio > 1 + high) & (A > 0)).any()
+        if level == "token":
+            assert ((ratio > 1 - low) & (ratio < 1 + high)).any() and (
+                (ratio < 1 - low) & (A > 0)
+            ).any()
+    loss_mask = completion_mask
+    if variant.get("mask_truncated_completions"):  # TRL zeroes a truncated reply's completion_mask
+        loss_mask = completion_mask * (completion_mask[:, -1:] == 0)  # (no EOS within 5 tokens)
+    their_cap = high + (loss_type == "cispo")  # TRL's cispo caps the ratio at epsilon_high itself
 
-    trainer, theirs = trl_trainer, trl_trainer.model
+    theirs = trainer.model
     trainer.loss_type, trainer.args.use_bias_correction_kl = loss_type, kl_estimator == "k3_ratio"
+    trainer.epsilon_low, trainer.epsilon_high, trainer.importance_sampling_level = (
+        low,
+        their_cap,
+        level,
+    )
     theirs.train().zero_grad()
-    their_logp = trainer._get_per_token_logps_and_entropies(theirs, input_ids, attention_mask, 5)[0]
+    their_logp, their_entropy = trainer._get_per_token_logps_and_entropies(
+        theirs, input_ids, attention_mask, 5, compute_entropy=True
+    )[:2]
     torch.testing.assert_close(their_logp.detach()[kept], logp[kept], atol=1e-5, rtol=0)
+    with torch.no_grad():
+        _, entropy = per_token_logps(ours, input_ids, attention_mask, 5, 0.7, entropy=True)
+    # the entropy: TRL's fused output layer against our chunks, float32 sums of V terms (seen within 1e-6)
+    torch.testing.assert_close(their_entropy[kept], entropy[kept], atol=1e-5, rtol=0)
     inputs = dict(
         prompt_ids=prompt_ids,
         prompt_mask=prompt_mask,
         completion_ids=completion_ids,
-        completion_mask=completion_mask,
+        completion_mask=loss_mask,
         advantages=advantages,
         ref_per_token_logps=ref_logp,
         old_per_token_logps=old_logp,
-        num_items_in_batch=completion_mask.sum(),
+        num_items_in_batch=loss_mask.sum(),
     )
     their_loss = trainer._compute_loss(theirs, inputs)
     their_loss.backward()
@@ -442,13 +464,14 @@ def test_logps_loss_and_gradient_agree_with_trl(
             old_logp if mu > 1 else logp.detach(),
             ref_logp,
             advantages,
-            completion_mask,
+            loss_mask,
             beta=0.04,
-            epsilon_low=0.2,
-            epsilon_high=0.28,
+            epsilon_low=low,
+            epsilon_high=high,
             loss_type=loss_type,
             max_completion_length=5,
             kl_estimator=estimator,
+            importance_sampling_level=level,
         )
         loss.backward()
         return loss.detach(), torch.cat([p.grad.flatten() for p in ours.parameters()])
@@ -461,3 +484,35 @@ def test_logps_loss_and_gradient_agree_with_trl(
     assert (
         other_gradient - their_gradient
     ).norm() > 1e-4 * their_gradient.norm()  # 10x the tolerance
+
+
+@pytest.mark.parametrize("mu", [1, 2])
+@pytest.mark.parametrize("kl_estimator", ["k3", "k3_ratio"])
+@pytest.mark.parametrize("loss_type", grpo.LOSS_TYPES)
+def test_logps_loss_and_gradient_agree_with_trl(
+    trl_trainer, tiny_model_dir, loss_type, kl_estimator, mu
+):
+    """Log-probs, entropies, loss and gradient equal TRL's on one batch, with the reference above and below the
+    policy and (mu = 2) ratios cut at both clip edges and inside them. cispo: TRL's ε_max is our 1 + ε_high."""
+    agree_with_trl(trl_trainer, tiny_model_dir, loss_type, kl_estimator, mu)
+
+
+@pytest.mark.parametrize("mu", [1, 2])
+@pytest.mark.parametrize(
+    "loss_type, variant",
+    [
+        # GSPO with its paper's epsilons: every sequence ratio at mu = 2 falls outside, on both sides. The KL
+        # term is plain k3: TRL's bias correction weighs it by the sequence ratio, ours by each token's own
+        ("grpo", dict(importance_sampling_level="sequence", epsilons=(3e-4, 4e-4))),
+        *[(t, dict(mask_truncated_completions=True)) for t in grpo.LOSS_TYPES],
+    ],
+)
+def test_gspo_and_overlong_filtering_agree_with_trl(
+    trl_trainer, tiny_model_dir, loss_type, variant, mu
+):
+    """GSPO (TRL's importance_sampling_level="sequence") and overlong filtering (mask_truncated_completions: the
+    truncated row 0 masked as TRL masks it) give TRL's loss and gradient; CISPO is in the test above."""
+    try:
+        agree_with_trl(trl_trainer, tiny_model_dir, loss_type, "k3", mu, **variant)
+    finally:  # the shared trainer back to the token level
+        trl_trainer.importance_sampling_level = "token"

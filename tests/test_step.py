@@ -437,8 +437,86 @@ def test_mini_batches_move_the_ratio_once_the_policy_has_stepped(
             dict(advantage="rft"),
             "--advantage 'rft' is unknown; choose one of grpo, grpo_batch_std, online_rft.",
         ),
+        # GSPO: one ratio per reply, for a mean over replies; never per-token advantages
+        *[
+            (
+                dict(importance_sampling_level="sequence", loss_type=loss_type),
+                f"--importance-sampling-level sequence (GSPO) with --loss-type {loss_type}:",
+            )
+            for loss_type in ("dapo", "dr_grpo", "cispo")
+        ],
+        (
+            dict(importance_sampling_level="sequence", supervision="process"),
+            "per-token advantages (--supervision process, --kl-estimator k1_to_go) would be averaged",
+        ),
+        (
+            dict(importance_sampling_level="sequence", kl_estimator="k1_to_go"),
+            "Use token-level ratios with them.",
+        ),
+        (
+            dict(importance_sampling_level="seq"),
+            "--importance-sampling-level 'seq' is unknown; choose one of token, sequence.",
+        ),
     ],
 )
 def test_the_new_settings_refuse_what_cannot_work(tiny_model_dir, tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         check_flags(tiny_config(tiny_model_dir, tmp_path, **overrides))
+
+
+def test_overlong_filtering_leaves_truncated_replies_out_of_the_loss_only(
+    ends_early_model_dir, tmp_path, monkeypatch
+):
+    """--mask-truncated-completions (DAPO): a reply cut at max_completion_length has loss mask 0 on every token;
+    the others keep theirs; the advantages are still those of the whole group (TRL's too), and the truncated
+    fraction is still logged. Without the flag, the loss mask is the completion mask."""
+    for flag in (True, False):
+        cfg = tiny_config(
+            ends_early_model_dir,
+            tmp_path / str(flag),
+            mask_truncated_completions=flag,
+            max_completion_length=6,
+        )
+        calls, (metrics, rollout, rewards_, advantages), _ = one_step(
+            cfg, arithmetic_rows(2), monkeypatch
+        )
+        truncated = rollout.truncated
+        assert truncated.any() and not truncated.all(), "the test needs both kinds of reply"
+        expected = (
+            rollout.completion_mask * ~truncated[:, None] if flag else rollout.completion_mask
+        )
+        assert torch.equal(torch.cat([c["mask"] for c in calls]), expected), (
+            "overlong filtering: a truncated reply's tokens leave the loss, no other's"
+        )
+        std = "group"
+        torch.testing.assert_close(advantages, group_advantages(rewards_, cfg.num_generations, std))
+        assert metrics["completion/truncated_frac"] == truncated.float().mean().item()
+
+
+def test_the_step_logs_the_policys_mean_entropy_over_the_replies_tokens(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    """metrics["entropy"]: the token mean, over the completions' tokens, of the entropy of the policy that
+    sampled them (mu = 1: the policy before its update) at the sampling temperature."""
+    cfg = tiny_config(tiny_model_dir, tmp_path, temperature=0.7)
+    _, (metrics, rollout, *_), _ = one_step(cfg, arithmetic_rows(2), monkeypatch)
+    sampler = loading.load_model(str(tiny_model_dir), torch.device("cpu")).eval()
+    input_ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], dim=1)
+    attention_mask = torch.cat([rollout.prompt_mask, rollout.completion_mask], dim=1)
+    T = rollout.completion_ids.shape[1]
+    with torch.no_grad():
+        _, entropy = per_token_logps(sampler, input_ids, attention_mask, T, 0.7, entropy=True)
+    mask = rollout.completion_mask
+    expected = ((entropy * mask).sum() / mask.sum()).item()
+    # float32 token means summed per micro-batch, then weighted: seen within 1e-7
+    assert metrics["entropy"] == pytest.approx(expected, abs=1e-5), (
+        "the entropy logged is the sampler's, at its temperature, over the replies' own tokens"
+    )
+
+
+def test_gspo_and_cispo_reach_the_loss_from_their_flags(tiny_model_dir, tmp_path, monkeypatch):
+    for overrides in (dict(importance_sampling_level="sequence"), dict(loss_type="cispo")):
+        cfg = tiny_config(tiny_model_dir, tmp_path / str(len(overrides)), mu=2, **overrides)
+        check_flags(cfg)
+        calls, _, _ = one_step(cfg, arithmetic_rows(2), monkeypatch)
+        assert calls and all(c["settings"].items() >= overrides.items() for c in calls)
