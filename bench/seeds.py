@@ -6,6 +6,8 @@ tables and figures are drawn from (and nothing else).
     python bench/seeds.py SMOLLM2_FOLDER --grid readme                 # README's run, 5 seeds
     python bench/seeds.py SMOLLM2_FOLDER --grid readme --jobs 2 --threads 1
     python bench/seeds.py --grid readme --report                       # the table from the file
+    python bench/seeds.py SMOLLM2_FOLDER --grid figure5 --jobs 2 --threads 1   # Figure 5, 8 seeds
+    python bench/seeds.py --grid figure5 --report --figure assets/figure5-seeds.png
 
 It survives interruption: a (grid, method, seed) already in the file is skipped; a run cut off
 goes on from its latest checkpoint (--save-every 10, grpo.py's --resume: the same run as one never
@@ -27,11 +29,42 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "seeds.jsonl"
 RUNS = ROOT / "outputs" / "seeds"
 README_RUN = "--dataset arithmetic --prompts-per-step 3 --max-completion-length 64"
+# Figure 5's task: a + b - c up to 12, whose 370 held-out problems are all evaluated by every run
+# (the same set, whatever the seed); 3 questions x 8 replies a step, as README's run.
+FIGURE5 = """--dataset arithmetic3 --arithmetic-max 12 --eval-size 370 --prompts-per-step 3
+    --max-completion-length 64 --learning-rate 5e-6 --max-steps 40 --log-samples-every 10"""
+ONLINE_RFT = ["--advantage", "online_rft", "--beta", "0"]  # eq. 10: no KL term (--mu 1: no clip)
+ANSWER_ONLY = ["--format-weight", "0"]  # the three methods on the same reward: Online RFT's
 GRIDS = {
     "readme": {  # README's Results: 80 steps of 3 questions x 8 completions, sums to 49 + 49
         "settings": f"{README_RUN} --learning-rate 5e-6 --max-steps 80".split(),
         "methods": {"GRPO": []},
         "seeds": range(5),
+    },
+    "figure5": {  # the paper's Figure 5 in miniature, paired: every method on the same seeds
+        "settings": FIGURE5.split(),
+        "methods": {
+            "Online RFT": ONLINE_RFT,
+            "GRPO, outcome": [],
+            "GRPO, process": ["--supervision", "process"],
+            "GRPO, outcome, answer only": ANSWER_ONLY,
+            "GRPO, process, answer only": ["--supervision", "process", *ANSWER_ONLY],
+        },
+        "seeds": range(8),
+    },
+    "kl": {  # the KL of whole completions off policy (--mu 2): k1_is against k1_to_go, k3_ratio
+        "settings": [*FIGURE5.split(), "--mu", "2"],
+        "methods": {
+            "k3_ratio": [],
+            "k1_to_go": ["--kl-estimator", "k1_to_go"],
+            "k1_is": ["--kl-estimator", "k1_is"],
+        },
+        "seeds": range(3),
+    },
+    "notebook": {  # the notebook's section 8 as a command: its spread over seeds
+        "settings": f"{README_RUN} --learning-rate 5e-6 --max-steps 30 --eval-size 100".split(),
+        "methods": {"GRPO": []},
+        "seeds": range(3),
     },
 }
 
@@ -124,22 +157,81 @@ def bootstrap_mean(values: list[float], draws: int = 10_000, seed: int = 0) -> t
     return means[int(0.025 * draws)], means[int(0.975 * draws) - 1]
 
 
+def interval(values: list[float]) -> str:
+    """The mean and its 95% bootstrap interval, as "mean [low, high]"."""
+    low, high = bootstrap_mean(values) if len(values) > 1 else (values[0], values[0])
+    return f"{statistics.mean(values):.1f} [{low:.1f}, {high:.1f}]"
+
+
+FIGURES = {  # what each run gives, in points: greedy before and after, sampled over the last steps
+    "greedy before": lambda r: 100 * r["before"]["accuracy"],
+    "greedy after": lambda r: 100 * r["after"]["accuracy"],
+    "format before": lambda r: 100 * r["before"]["format_rate"],
+    "format after": lambda r: 100 * r["after"]["format_rate"],
+    "sampled, last 5 steps": lambda r: 100 * statistics.mean(r["sampled_accuracy"][-5:]),
+    "KL, last 5 steps (x100)": lambda r: 100 * statistics.mean(r["kl"][-5:]),
+}
+
+
 def report(grid: str) -> None:
-    """Per method: greedy accuracy before and after, its mean over seeds with a 95% interval."""
+    """Per method, each figure's mean over seeds with a 95% bootstrap interval; then each pair of
+    methods' paired differences (the same seeds: the same data order and questions)."""
     rows = done(grid)
-    print("| method | seeds | greedy before | greedy after | 95% interval (after) |")
-    print("|---|---|---|---|---|")
+    runs = {m: {s: r for (m2, s), r in rows.items() if m2 == m} for m in GRIDS[grid]["methods"]}
+    runs = {m: r for m, r in runs.items() if r}
+    print("| method | seeds | " + " | ".join(FIGURES) + " |")
+    print("|---|---|" + "---|" * len(FIGURES))
+    for method, by_seed in runs.items():
+        cells = [interval([f(r) for r in by_seed.values()]) for f in FIGURES.values()]
+        print(f"| {method} | {len(by_seed)} | " + " | ".join(cells) + " |")
+    pairs = [(a, b) for i, a in enumerate(runs) for b in list(runs)[i + 1 :]]
+    if pairs:
+        print("\n| paired difference, A - B | seeds | " + " | ".join(FIGURES) + " |")
+        print("|---|---|" + "---|" * len(FIGURES))
+    for a, b in pairs:
+        seeds = sorted(set(runs[a]) & set(runs[b]))
+        if seeds:
+            cells = [
+                interval([f(runs[a][s]) - f(runs[b][s]) for s in seeds]) for f in FIGURES.values()
+            ]
+            print(f"| {a} - {b} | {len(seeds)} | " + " | ".join(cells) + " |")
+
+
+WINDOW = 5  # steps in the curves' running mean
+
+
+def running_mean(values: list[float], window: int) -> list[float]:
+    return [statistics.mean(values[max(0, i + 1 - window) : i + 1]) for i in range(len(values))]
+
+
+def draw(grid: str, path: str) -> None:
+    """Sampled accuracy and the strict-format rate per step: a line per method (the mean over
+    seeds), its 95% bootstrap interval shaded."""
+    from matplotlib.figure import Figure
+
+    rows = done(grid)
+    fig = Figure(figsize=(10, 3.6), dpi=80, layout="tight")
+    axes = fig.subplots(1, 2)
     for method in GRIDS[grid]["methods"]:
         runs = [r for (m, _), r in sorted(rows.items()) if m == method]
-        if not runs:
-            continue
-        before = [100 * r["before"]["accuracy"] for r in runs]
-        after = [100 * r["after"]["accuracy"] for r in runs]
-        low, high = bootstrap_mean(after) if len(after) > 1 else (after[0], after[0])
-        print(
-            f"| {method} | {len(runs)} | {statistics.mean(before):.1f}% | "
-            f"{statistics.mean(after):.1f}% | {low:.1f}-{high:.1f}% |"
-        )
+        for ax, key in zip(axes, ("sampled_accuracy", "format_rate")):
+            if not runs:
+                continue
+            smooth = [running_mean(r[key], WINDOW) for r in runs]  # 24 replies a step: noisy
+            curves = list(zip(*smooth))  # per step: one value per seed
+            steps = range(1, len(curves) + 1)
+            mean = [statistics.mean(c) for c in curves]
+            low, high = zip(*(bootstrap_mean(list(c), draws=2000) for c in curves))
+            ax.plot(steps, mean, label=f"{method} ({len(runs)} seeds)")
+            ax.fill_between(steps, low, high, alpha=0.2)
+    titles = (
+        f"sampled accuracy (T = 1), {WINDOW}-step mean",
+        f"strict-format rate, {WINDOW}-step mean",
+    )
+    for ax, title in zip(axes, titles):
+        ax.set(title=title, xlabel="step")
+    axes[0].legend(fontsize=7)
+    fig.savefig(path)
 
 
 def main() -> None:
@@ -151,12 +243,15 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time")
     parser.add_argument("--threads", type=int, help="torch threads per run (OMP_NUM_THREADS)")
     parser.add_argument("--report", action="store_true", help="only print the table from the file")
+    parser.add_argument("--figure", help="also draw the curves into this PNG")
     args = parser.parse_args()
     if not args.report:
         if not args.model:
             parser.error("the model's folder is needed to run (or pass --report)")
         run_grid(args.model, args.grid, args.jobs, args.threads)
     report(args.grid)
+    if args.figure:
+        draw(args.grid, args.figure)
 
 
 if __name__ == "__main__":
