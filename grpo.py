@@ -176,9 +176,7 @@ def generate_completions(
     done = torch.zeros(B, dtype=torch.bool, device=device)  # [B] has drawn an end-of-reply id
     model.eval()  # no dropout while sampling
     with autocast:
-        cache = prompt_cache(
-            model, question_ids, question_mask, num_generations
-        )  # once per question
+        cache = prompt_cache(model, question_ids, question_mask, num_generations)
         decoder, cache, attention_mask = decoder_for(model, cache, attention_mask, compiled)
         for t in range(T):
             hidden = decoder(
