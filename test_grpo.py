@@ -707,6 +707,17 @@ def test_importance_ratio_per_token_and_gspos_per_completion():
         rtol=0,
         atol=1e-6,
     )
+    one, none = torch.tensor([[1, 0, 0, 0]]), torch.zeros(1, 4, dtype=torch.long)
+    close(
+        importance_ratio(logp[:1], old[:1], one, "sequence"),
+        torch.exp(logp[:1, :1] - old[:1, :1]),
+        "a reply of one token: its sequence ratio is that token's ratio (divided by |o_i| = 1)",
+        rtol=0,
+        atol=1e-6,
+    )
+    assert importance_ratio(logp[:1], old[:1], none, "sequence").item() == 1.0, (
+        "a reply with no token (every one masked): ratio 1, not 0/0"
+    )
 
 
 def test_the_sequence_ratios_gradient_is_its_value_times_the_mean_of_the_tokens():
@@ -1006,13 +1017,14 @@ def test_per_token_advantages_equal_to_each_completions_one_give_the_same_loss_a
     assert torch.equal(*(torch.autograd.grad(x, logp)[0] for x in (one, each))), why
 
 
-def test_k1_to_go_puts_the_kl_to_go_in_the_advantage_not_in_the_loss():
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "dr_grpo"])
+def test_k1_to_go_puts_the_kl_to_go_in_the_advantage_not_in_the_loss(loss_type):
     """-β w Σ_{t' >= t} k1 of the sample (from π_θ_old) joins Â_t (w: so that β weighs each completion's KL);
-    no KL term is added; the KL reported is k1's mean."""
+    no KL term is added; the KL reported is k1's mean. Replies of 3 and 2 tokens: grpo's w_i is each one's own."""
     old, ref = TWO_COMPLETIONS["old_logp"], TWO_COMPLETIONS["ref_logp"]
     mask, beta = TWO_COMPLETIONS["mask"], 0.5
     settings = dict(
-        epsilon_low=10.0, epsilon_high=10.0, loss_type="dapo", max_completion_length=4
+        epsilon_low=10.0, epsilon_high=10.0, loss_type=loss_type, max_completion_length=4
     )  # no clip here
     to_go, diagnostics = grpo_loss(
         TWO_COMPLETIONS["logp"],
@@ -1024,7 +1036,11 @@ def test_k1_to_go_puts_the_kl_to_go_in_the_advantage_not_in_the_loss():
         kl_estimator="k1_to_go",
         **settings,
     )
-    per_completion = mask.sum() / len(mask)  # dapo divides each token by Σ|o|: w = Σ|o| / B
+    per_completion = {  # the division of each token that w undoes
+        "dapo": mask.sum() / len(mask),  # Σ|o|: w = Σ|o| / B
+        "grpo": mask.sum(dim=1, keepdim=True),  # |o_i|: w_i = |o_i|, each reply its own, [B, 1]
+        "dr_grpo": 4,  # B max_completion_length: w = max_completion_length
+    }[loss_type]
     advantages = TWO_COMPLETIONS["advantages"][:, None] - beta * per_completion * grpo.reward_to_go(
         (old - ref) * mask
     )
@@ -1033,7 +1049,8 @@ def test_k1_to_go_puts_the_kl_to_go_in_the_advantage_not_in_the_loss():
     )
     assert to_go.item() == pytest.approx(by_hand.item(), abs=1e-6), (  # float32 of the same sums
         "k1_to_go: Â_t - β w Σ_{t' >= t} k1_t' with k1 of the sample, old_logp - ref_logp (reward_to_go), w "
-        "undoing dapo's division by the batch's tokens (w = Σ|o| / B: one KL per completion), no KL term in the loss"
+        f"undoing {loss_type}'s division of each reply's tokens (dapo: Σ|o| / B; grpo: |o_i|, each reply's own; "
+        "dr_grpo: max_completion_length), so that β weighs one KL per completion; no KL term in the loss"
     )
     k1 = ((TWO_COMPLETIONS["logp"] - ref) * mask).sum() / mask.sum()
     assert diagnostics["kl"] == pytest.approx(k1.item(), abs=1e-6), (
@@ -1100,3 +1117,33 @@ def test_cispo_caps_the_weight_stops_its_gradient_and_keeps_every_tokens():
         rtol=0,
         atol=1e-6,
     )
+
+
+def test_the_token_means_divide_by_the_tokens_there_are_one_or_none():
+    """A batch of one token: dapo's and cispo's mean is that token's X, and grpo's 1/B Σ_i of its reply's; a
+    batch whose every token is masked (each reply cut off and filtered out) gives a loss of 0, not 0/0."""
+    logp, old = TWO_COMPLETIONS["logp"][:1], TWO_COMPLETIONS["old_logp"][:1]
+    one = torch.tensor([[1, 0, 0, 0]])
+    A = torch.tensor([0.8])
+    x = -math.exp(0.1) * 0.8  # token 0: ρ = e^0.1 inside the clip range
+    for loss_type in ("dapo", "grpo"):
+        loss, _ = grpo_loss(
+            logp, old, None, A, one, epsilon_high=0.2, loss_type=loss_type, **SETTINGS
+        )
+        assert loss.item() == pytest.approx(x, abs=1e-6), (
+            f"{loss_type}: one token in the batch, so the mean is that token's -ρÂ (divided by 1)"
+        )
+    for loss_type in grpo.LOSS_TYPES:
+        loss, _ = grpo_loss(
+            logp,
+            old,
+            None,
+            A,
+            torch.zeros_like(one),
+            epsilon_high=0.2,
+            loss_type=loss_type,
+            **SETTINGS,
+        )
+        assert loss.item() == 0.0, (
+            f"{loss_type}: no token in the loss gives 0, not NaN ({loss.item()})"
+        )

@@ -510,6 +510,16 @@ def test_step_token_ends_name_the_token_that_holds_each_steps_last_character():
         assert len(tokenizer.decode(ids[:k], skip_special_tokens=True)) < end
 
 
+def test_a_reply_that_ended_keeps_its_last_line_as_a_step_unless_it_was_cut():
+    """step_token_ends' default is a reply that ended: its last line, with no newline after it, is a step; a
+    truncated reply's (truncated=True) is not, for the cut may have fallen in it."""
+    text = "<reasoning>\n2 + 2 = 4"
+    tokenizer = byte_level_tokenizer(text)
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    assert [r for _, r in rewards.step_token_ends(tokenizer, ids, text)] == [1.0]
+    assert rewards.step_token_ends(tokenizer, ids, text, truncated=True) == []
+
+
 def test_step_statistics_count_steps_that_hold_and_that_repeat():
     replies = [
         "<reasoning>\n1 + 2 = 3\n1 + 2 = 3\n2 + 2 = 5\n</reasoning>",
