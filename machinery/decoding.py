@@ -1,5 +1,6 @@
-"""Caches and compilation for decoding and scoring: the prompts' keys and values computed once,
-and the decoding step compiled with a static cache (--compile, on CUDA GPUs by default)."""
+"""Decoding's machinery: chat prompts to ids and ids to replies, the prompts' keys and values
+computed once, and the decoding step compiled with a static cache (--compile, on CUDA GPUs by
+default)."""
 
 import functools
 
