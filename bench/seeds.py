@@ -23,6 +23,7 @@ import random
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,6 +44,7 @@ GRIDS = {
     },
     "figure5": {  # the paper's Figure 5 in miniature, paired: every method on the same seeds
         "settings": FIGURE5.split(),
+        "first": 3,  # the paper's three methods over all seeds, then the two on the answer alone
         "methods": {
             "Online RFT": ONLINE_RFT,
             "GRPO, outcome": [],
@@ -116,38 +118,46 @@ def record(grid: str, method: str, seed: int, threads: int | None) -> dict:
     }
 
 
-def run_grid(model: str, grid: str, jobs: int, threads: int | None) -> None:
-    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
-    todo = [
-        (method, seed)
-        for seed in GRIDS[grid]["seeds"]
-        for method in GRIDS[grid]["methods"]
-        if (method, seed) not in done(grid)
+def pending(grid: str) -> list[tuple[str, int]]:
+    """The grid's runs not yet in the file, in the order they run: the grid's `first` methods over
+    every seed, then the others (so the headline comparison fills in first, paired all along)."""
+    spec, finished = GRIDS[grid], done(grid)
+    methods = list(spec["methods"])
+    stages = (
+        methods[: spec.get("first", len(methods))],
+        methods[spec.get("first", len(methods)) :],
+    )
+    return [
+        (m, s) for stage in stages for s in spec["seeds"] for m in stage if (m, s) not in finished
     ]
-    for i in range(0, len(todo), jobs):
-        running = []
-        for method, seed in todo[i : i + jobs]:
+
+
+def run_grid(model: str, grid: str, jobs: int, threads: int | None) -> None:
+    """Up to `jobs` runs at a time, a new one started as soon as one ends; each recorded on its end."""
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+    todo, running, failed = pending(grid), {}, []
+    while todo or running:
+        while todo and len(running) < jobs:
+            method, seed = todo.pop(0)
             out = run_dir(grid, method, seed)
             out.parent.mkdir(parents=True, exist_ok=True)
             log = open(out.parent / f"{out.name}.log", "a")
-            running.append(
-                (
-                    method,
-                    seed,
-                    subprocess.Popen(
-                        command(model, grid, method, seed),
-                        env=env,
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
-                    ),
-                )
+            cmd = command(model, grid, method, seed)
+            running[subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)] = (
+                method,
+                seed,
             )
-        for method, seed, process in running:
-            if process.wait():
-                sys.exit(f"{grid} {method} seed {seed} failed: {run_dir(grid, method, seed)}.log")
+        time.sleep(5)
+        for process in [p for p in running if p.poll() is not None]:
+            method, seed = running.pop(process)
+            if process.returncode:
+                failed.append(f"{grid} {method} seed {seed}: {run_dir(grid, method, seed)}.log")
+                continue
             with RESULTS.open("a") as f:
                 f.write(json.dumps(record(grid, method, seed, threads)) + "\n")
-            print(f"{grid} {method} seed {seed}: recorded in {RESULTS.name}")
+            print(f"{grid} {method} seed {seed}: recorded in {RESULTS.name}", flush=True)
+    if failed:
+        sys.exit("failed, see the logs:\n" + "\n".join(failed))
 
 
 def bootstrap_mean(values: list[float], draws: int = 10_000, seed: int = 0) -> tuple[float, float]:
