@@ -205,6 +205,22 @@ def report(grid: str) -> None:
                 interval([f(runs[a][s]) - f(runs[b][s]) for s in seeds]) for f in FIGURES.values()
             ]
             print(f"| {a} - {b} | {len(seeds)} | " + " | ".join(cells) + " |")
+    for name in ("greedy after", "sampled, last 5 steps") if len(runs) > 1 else ():
+        print(f"\n{name}: {order(runs, FIGURES[name])}")
+
+
+def order(runs: dict[str, dict[int, dict]], figure) -> str:
+    """The methods from best to worst by their mean; `>` between two neighbours whose paired 95%
+    interval excludes 0 (settled at this scale), `~` where it holds 0 (not settled)."""
+    mean = {m: statistics.mean(figure(r) for r in by_seed.values()) for m, by_seed in runs.items()}
+    ranked = sorted(mean, key=mean.get, reverse=True)
+    text = ranked[0]
+    for a, b in zip(ranked, ranked[1:]):
+        seeds = sorted(set(runs[a]) & set(runs[b]))
+        gaps = [figure(runs[a][s]) - figure(runs[b][s]) for s in seeds]
+        settled = len(gaps) > 1 and bootstrap_mean(gaps)[0] > 0
+        text += f" {'>' if settled else '~'} {b}"
+    return text
 
 
 WINDOW = 5  # steps in the curves' running mean
