@@ -169,7 +169,9 @@ def bootstrap_mean(values: list[float], draws: int = 10_000, seed: int = 0) -> t
 
 def interval(values: list[float]) -> str:
     """The mean and its 95% bootstrap interval, as "mean [low, high]"."""
-    low, high = bootstrap_mean(values) if len(values) > 1 else (values[0], values[0])
+    if len(values) == 1:
+        return f"{values[0]:.1f} (one seed: no interval)"
+    low, high = bootstrap_mean(values)
     return f"{statistics.mean(values):.1f} [{low:.1f}, {high:.1f}]"
 
 
