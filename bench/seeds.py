@@ -9,9 +9,11 @@ tables and figures are drawn from (and nothing else).
     python bench/seeds.py SMOLLM2_FOLDER --grid figure5 --jobs 2 --threads 1   # Figure 5, 8 seeds
     python bench/seeds.py --grid figure5 --report --figure assets/figure5-seeds.png
 
-It survives interruption: a (grid, method, seed) already in the file is skipped; a run cut off
-goes on from its latest checkpoint (--save-every 10, grpo.py's --resume: the same run as one never
-stopped), so at most 10 steps are done again. Runs write to outputs/seeds/<grid>/<method>-s<seed>.
+It survives interruption: a (grid, method, seed) already in the file with the grid's settings is
+skipped; a run cut off goes on from its latest checkpoint (--save-every 10, grpo.py's --resume: the
+same run as one never stopped), so at most 10 steps are done again, and a run of fewer steps goes on
+to the grid's. A lock file beside each run's folder holds the pid of the grpo.py that trains it:
+two runners may share a grid, and neither takes a run that is still going. Runs write to outputs/seeds/<grid>/<method>-s<seed>.
 Every method of a grid gets the same seeds, so the same data order: comparisons are paired.
 """
 
@@ -33,7 +35,7 @@ README_RUN = "--dataset arithmetic --prompts-per-step 3 --max-completion-length 
 # Figure 5's task: a + b - c up to 12, whose 370 held-out problems are all evaluated by every run
 # (the same set, whatever the seed); 3 questions x 8 replies a step, as README's run.
 FIGURE5 = """--dataset arithmetic3 --arithmetic-max 12 --eval-size 370 --prompts-per-step 3
-    --max-completion-length 64 --learning-rate 5e-6 --max-steps 40 --log-samples-every 10"""
+    --max-completion-length 64 --learning-rate 5e-6 --log-samples-every 10"""
 ONLINE_RFT = ["--advantage", "online_rft", "--beta", "0"]  # eq. 10: no KL term (--mu 1: no clip)
 ANSWER_ONLY = ["--format-weight", "0"]  # the three methods on the same reward: Online RFT's
 GRIDS = {
@@ -43,7 +45,7 @@ GRIDS = {
         "seeds": range(5),
     },
     "figure5": {  # the paper's Figure 5 in miniature, paired: every method on the same seeds
-        "settings": FIGURE5.split(),
+        "settings": [*FIGURE5.split(), "--max-steps", "80"],  # at 40 the curves still rose
         "first": 3,  # the paper's three methods over all seeds, then the two on the answer alone
         "methods": {
             "Online RFT": ONLINE_RFT,
@@ -55,7 +57,7 @@ GRIDS = {
         "seeds": range(8),
     },
     "kl": {  # the KL of whole completions off policy (--mu 2): k1_is against k1_to_go, k3_ratio
-        "settings": [*FIGURE5.split(), "--mu", "2"],
+        "settings": [*FIGURE5.split(), "--max-steps", "40", "--mu", "2"],
         "methods": {
             "k3_ratio": [],
             "k1_to_go": ["--kl-estimator", "k1_to_go"],
@@ -72,9 +74,18 @@ GRIDS = {
 
 
 def done(grid: str) -> dict[tuple[str, int], dict]:
+    """The grid's recorded runs, by (method, seed): those run with the grid's settings as they are
+    (a line of earlier settings stays in the file, as what it was, and is run again)."""
     lines = RESULTS.read_text().splitlines() if RESULTS.exists() else []
     rows = [json.loads(line) for line in lines if line.strip()]
-    return {(r["method"], r["seed"]): r for r in rows if r["grid"] == grid}
+    spec = GRIDS[grid]
+    return {
+        (r["method"], r["seed"]): r
+        for r in rows
+        if r["grid"] == grid
+        and r["method"] in spec["methods"]
+        and r["flags"] == [*spec["settings"], *spec["methods"][r["method"]]]
+    }
 
 
 def run_dir(grid: str, method: str, seed: int) -> Path:
@@ -132,6 +143,25 @@ def pending(grid: str) -> list[tuple[str, int]]:
     ]
 
 
+def claim(out: Path) -> bool:
+    """Whether this runner may take the run in `out`: a lock file beside it holds the pid of the
+    process that trains it, so two runners never train into one folder, nor one into a folder
+    whose run goes on after its runner was stopped."""
+    lock = out.with_suffix(".lock")
+    if lock.exists():
+        try:
+            os.kill(int(lock.read_text()), 0)  # raises where that process is gone
+            return False
+        except (ProcessLookupError, ValueError):
+            lock.unlink()  # left by a runner that was stopped
+    try:
+        with open(lock, "x") as f:
+            f.write(str(os.getpid()))
+    except FileExistsError:  # taken by another runner just now
+        return False
+    return True
+
+
 def run_grid(model: str, grid: str, jobs: int, threads: int | None) -> None:
     """Up to `jobs` runs at a time, a new one started as soon as one ends; each recorded on its end."""
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
@@ -141,15 +171,18 @@ def run_grid(model: str, grid: str, jobs: int, threads: int | None) -> None:
             method, seed = todo.pop(0)
             out = run_dir(grid, method, seed)
             out.parent.mkdir(parents=True, exist_ok=True)
+            if not claim(out):
+                print(f"{grid} {method} seed {seed}: another runner has it, left to that one")
+                continue
             log = open(out.parent / f"{out.name}.log", "a")
             cmd = command(model, grid, method, seed)
-            running[subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)] = (
-                method,
-                seed,
-            )
+            process = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+            out.with_suffix(".lock").write_text(str(process.pid))  # the run's own: it outlives us
+            running[process] = (method, seed)
         time.sleep(5)
         for process in [p for p in running if p.poll() is not None]:
             method, seed = running.pop(process)
+            run_dir(grid, method, seed).with_suffix(".lock").unlink()
             if process.returncode:
                 failed.append(f"{grid} {method} seed {seed}: {run_dir(grid, method, seed)}.log")
                 continue
