@@ -73,18 +73,25 @@ GRIDS = {
 }
 
 
-def done(grid: str) -> dict[tuple[str, int], dict]:
+def done(grid: str, steps: int | None = None) -> dict[tuple[str, int], dict]:
     """The grid's recorded runs, by (method, seed): those run with the grid's settings as they are
-    (a line of earlier settings stays in the file, as what it was, and is run again)."""
+    (a line of earlier settings stays in the file, as what it was, and is run again); with `steps`,
+    those that ran the grid's settings for that many steps instead."""
     lines = RESULTS.read_text().splitlines() if RESULTS.exists() else []
     rows = [json.loads(line) for line in lines if line.strip()]
     spec = GRIDS[grid]
+    steps_now = {} if steps is None else {"--max-steps": str(steps)}
+
+    def settings(flags: list[str]) -> dict[str, str]:  # every flag of a grid takes a value
+        return dict(zip(flags[::2], flags[1::2]))
+
     return {
         (r["method"], r["seed"]): r
         for r in rows
         if r["grid"] == grid
         and r["method"] in spec["methods"]
-        and r["flags"] == [*spec["settings"], *spec["methods"][r["method"]]]
+        and settings(r["flags"])
+        == settings(spec["settings"]) | settings(spec["methods"][r["method"]]) | steps_now
     }
 
 
@@ -115,11 +122,13 @@ def record(grid: str, method: str, seed: int, threads: int | None) -> dict:
     out = run_dir(grid, method, seed)
     results = json.loads((out / "results.json").read_text())
     steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    flags = [*GRIDS[grid]["settings"], *GRIDS[grid]["methods"][method]]
+    flags[flags.index("--max-steps") + 1] = str(results["steps"])  # what it ran, should they differ
     return {
         "grid": grid,
         "method": method,
         "seed": seed,
-        "flags": [*GRIDS[grid]["settings"], *GRIDS[grid]["methods"][method]],
+        "flags": flags,
         "before": results["before"],
         "after": results["after"],
         "sampled_accuracy": [m["accuracy"] for m in steps],
@@ -218,10 +227,10 @@ FIGURES = {  # what each run gives, in points: greedy before and after, sampled 
 }
 
 
-def report(grid: str) -> None:
+def report(grid: str, steps: int | None = None) -> None:
     """Per method, each figure's mean over seeds with a 95% bootstrap interval; then each pair of
     methods' paired differences (the same seeds: the same data order and questions)."""
-    rows = done(grid)
+    rows = done(grid, steps)
     runs = {m: {s: r for (m2, s), r in rows.items() if m2 == m} for m in GRIDS[grid]["methods"]}
     runs = {m: r for m, r in runs.items() if r}
     print("| method | seeds | " + " | ".join(FIGURES) + " |")
@@ -265,12 +274,12 @@ def running_mean(values: list[float], window: int) -> list[float]:
     return [statistics.mean(values[max(0, i + 1 - window) : i + 1]) for i in range(len(values))]
 
 
-def draw(grid: str, path: str) -> None:
+def draw(grid: str, path: str, steps: int | None = None) -> None:
     """Sampled accuracy and the strict-format rate per step: a line per method (the mean over
     seeds), its 95% bootstrap interval shaded."""
     from matplotlib.figure import Figure
 
-    rows = done(grid)
+    rows = done(grid, steps)
     fig = Figure(figsize=(10, 3.6), dpi=80, layout="tight")
     axes = fig.subplots(1, 2)
     for method in GRIDS[grid]["methods"]:
@@ -305,14 +314,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch threads per run (OMP_NUM_THREADS)")
     parser.add_argument("--report", action="store_true", help="only print the table from the file")
     parser.add_argument("--figure", help="also draw the curves into this PNG")
+    parser.add_argument(
+        "--steps", type=int, help="report the runs recorded at this --max-steps (an earlier stage)"
+    )
     args = parser.parse_args()
     if not args.report:
         if not args.model:
             parser.error("the model's folder is needed to run (or pass --report)")
         run_grid(args.model, args.grid, args.jobs, args.threads)
-    report(args.grid)
+    report(args.grid, args.steps)
     if args.figure:
-        draw(args.grid, args.figure)
+        draw(args.grid, args.figure, args.steps)
 
 
 if __name__ == "__main__":
