@@ -222,18 +222,29 @@ FIGURES = {  # what each run gives, in points: greedy before and after, sampled 
     "greedy after": lambda r: 100 * r["after"]["accuracy"],
     "format before": lambda r: 100 * r["before"]["format_rate"],
     "format after": lambda r: 100 * r["after"]["format_rate"],
+    "sampled, first 5 steps": lambda r: 100 * statistics.mean(r["sampled_accuracy"][:5]),
     "sampled, last 5 steps": lambda r: 100 * statistics.mean(r["sampled_accuracy"][-5:]),
     "KL, last 5 steps (x100)": lambda r: 100 * statistics.mean(r["kl"][-5:]),
+    "KL, largest step (x100)": lambda r: 100 * max(r["kl"]),
 }
 
 
 def report(grid: str, steps: int | None = None) -> None:
-    """Per method, each figure's mean over seeds with a 95% bootstrap interval; then each pair of
-    methods' paired differences (the same seeds: the same data order and questions)."""
+    """Each run's figures; per method, each figure's mean over seeds with a 95% bootstrap interval;
+    then each pair of methods' paired differences (the same seeds: the same data order and questions)."""
     rows = done(grid, steps)
     runs = {m: {s: r for (m2, s), r in rows.items() if m2 == m} for m in GRIDS[grid]["methods"]}
     runs = {m: r for m, r in runs.items() if r}
-    print("| method | seeds | " + " | ".join(FIGURES) + " |")
+    print("| method | seed | " + " | ".join(FIGURES) + " |")
+    print("|---|---|" + "---|" * len(FIGURES))
+    for method, by_seed in runs.items():
+        for seed, r in sorted(by_seed.items()):
+            print(
+                f"| {method} | {seed} | "
+                + " | ".join(f"{f(r):.1f}" for f in FIGURES.values())
+                + " |"
+            )
+    print("\n| method | seeds | " + " | ".join(FIGURES) + " |")
     print("|---|---|" + "---|" * len(FIGURES))
     for method, by_seed in runs.items():
         cells = [interval([f(r) for r in by_seed.values()]) for f in FIGURES.values()]
