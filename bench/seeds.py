@@ -13,7 +13,8 @@ It survives interruption: a (grid, method, seed) already in the file with the gr
 skipped; a run cut off goes on from its latest checkpoint (--save-every 10, grpo.py's --resume: the
 same run as one never stopped), so at most 10 steps are done again, and a run of fewer steps goes on
 to the grid's. A lock file beside each run's folder holds the pid of the grpo.py that trains it:
-two runners may share a grid, and neither takes a run that is still going. Runs write to outputs/seeds/<grid>/<method>-s<seed>.
+two runners may share a grid, and neither takes a run that is still going. A recorded run's
+checkpoint is deleted (its metrics and results stay): a grid's checkpoints would fill the disk. Runs write to outputs/seeds/<grid>/<method>-s<seed>.
 Every method of a grid gets the same seeds, so the same data order: comparisons are paired.
 """
 
@@ -22,6 +23,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -197,6 +199,8 @@ def run_grid(model: str, grid: str, jobs: int, threads: int | None) -> None:
                 continue
             with RESULTS.open("a") as f:
                 f.write(json.dumps(record(grid, method, seed, threads)) + "\n")
+            for checkpoint in run_dir(grid, method, seed).glob("checkpoint-*"):
+                shutil.rmtree(checkpoint)  # 1.5 GB a run: a grid's would not fit on the disk
             print(f"{grid} {method} seed {seed}: recorded in {RESULTS.name}", flush=True)
     if failed:
         sys.exit("failed, see the logs:\n" + "\n".join(failed))
