@@ -14,7 +14,8 @@ skipped; a run cut off goes on from its latest checkpoint (--save-every 10, grpo
 same run as one never stopped), so at most 10 steps are done again, and a run of fewer steps goes on
 to the grid's. A lock file beside each run's folder holds the pid of the grpo.py that trains it:
 two runners may share a grid, and neither takes a run that is still going. A recorded run's
-checkpoint is deleted (its metrics and results stay): a grid's checkpoints would fill the disk. Runs write to outputs/seeds/<grid>/<method>-s<seed>.
+checkpoint is deleted (its metrics and results stay): a grid's checkpoints would fill the disk.
+Runs write to outputs/seeds/<grid>/<method>-s<seed>.
 Every method of a grid gets the same seeds, so the same data order: comparisons are paired.
 """
 
@@ -145,10 +146,8 @@ def pending(grid: str) -> list[tuple[str, int]]:
     every seed, then the others (so the headline comparison fills in first, paired all along)."""
     spec, finished = GRIDS[grid], done(grid)
     methods = list(spec["methods"])
-    stages = (
-        methods[: spec.get("first", len(methods))],
-        methods[spec.get("first", len(methods)) :],
-    )
+    first = spec.get("first", len(methods))
+    stages = (methods[:first], methods[first:])
     return [
         (m, s) for stage in stages for s in spec["seeds"] for m in stage if (m, s) not in finished
     ]
@@ -189,17 +188,17 @@ def run_grid(model: str, grid: str, jobs: int, threads: int | None) -> None:
             cmd = command(model, grid, method, seed)
             process = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
             out.with_suffix(".lock").write_text(str(process.pid))  # the run's own: it outlives us
-            running[process] = (method, seed)
+            running[process] = (method, seed, out)
         time.sleep(5)
         for process in [p for p in running if p.poll() is not None]:
-            method, seed = running.pop(process)
-            run_dir(grid, method, seed).with_suffix(".lock").unlink()
+            method, seed, out = running.pop(process)
+            out.with_suffix(".lock").unlink()
             if process.returncode:
-                failed.append(f"{grid} {method} seed {seed}: {run_dir(grid, method, seed)}.log")
+                failed.append(f"{grid} {method} seed {seed}: {out}.log")
                 continue
             with RESULTS.open("a") as f:
                 f.write(json.dumps(record(grid, method, seed, threads)) + "\n")
-            for checkpoint in run_dir(grid, method, seed).glob("checkpoint-*"):
+            for checkpoint in out.glob("checkpoint-*"):
                 shutil.rmtree(checkpoint)  # 1.5 GB a run: a grid's would not fit on the disk
             print(f"{grid} {method} seed {seed}: recorded in {RESULTS.name}", flush=True)
     if failed:
