@@ -306,7 +306,7 @@ def draw(grid: str, path: str, steps: int | None = None) -> None:
             steps = range(1, len(curves) + 1)
             mean = [statistics.mean(c) for c in curves]
             low, high = zip(*(bootstrap_mean(list(c), draws=2000) for c in curves))
-            ax.plot(steps, mean, label=f"{method} ({len(runs)} seeds)")
+            ax.plot(steps, mean, label=f"{method} ({len(runs)} seed{'s' * (len(runs) > 1)})")
             ax.fill_between(steps, low, high, alpha=0.2)
     titles = (
         f"sampled accuracy (T = 1), {WINDOW}-step mean",
