@@ -297,11 +297,12 @@ def compute_advantages(rollout: Rollout, rows: list[dict], cfg: Config, tokenize
     if cfg.advantage == "online_rft":  # the paper's eq. 10: 1 for a right answer, else 0
         advantages = components["answer"]
     if cfg.supervision == "process":  # the outcome's Â on every token, plus the steps' to go
-        lengths = rollout.completion_mask.sum(dim=1).tolist()  # [B]
+        ids, lengths = rollout.completion_ids.tolist(), rollout.completion_mask.sum(dim=1).tolist()
+        values = [r.get("values") for r in rows for _ in range(G)]  # a step must reach one of them
         steps = [
-            rewards.step_token_ends(tokenizer, ids[:n], text, cut)  # a cut-off last line: no step
-            for ids, n, text, cut in zip(
-                rollout.completion_ids.tolist(), lengths, rollout.texts, rollout.truncated.tolist()
+            rewards.step_token_ends(tokenizer, i[:n], text, cut, v)  # a cut-off last line: no step
+            for i, n, text, cut, v in zip(
+                ids, lengths, rollout.texts, rollout.truncated.tolist(), values
             )
         ]
         T = rollout.completion_ids.shape[1]

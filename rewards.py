@@ -4,7 +4,7 @@ the replies. grpo.py knows the task only through this file; to train on your own
 
   make_prompt        the chat messages for one question: a system prompt that asks for tags,
                      and a worked example as an earlier turn
-  load_dataset_rows  rows {question, prompt, answer}: GSM8K from the Hub or JSON lines, or a
+  load_dataset_rows  rows {question, prompt, answer, values}: GSM8K from the Hub or JSON lines, or a
                      built-in task, which needs no download: `arithmetic` (a + b) or
                      `arithmetic3` (a + b - c, two steps, for process supervision)
   rows_for_step      the questions of one training step
@@ -24,7 +24,8 @@ For process supervision (DeepSeekMath, section 4.1.3), a reward for each step of
                    its arithmetic holds (exact fractions, a small parser: never eval)
   step_reward      the steps as one reward per reply: 0.2 for each distinct equation that holds,
                    at most 1.0 (weighted by --step-weight, 0 by default)
-  credited_steps   the steps process supervision credits: distinct, computing, not cut off
+  credited_steps   the steps process supervision credits: distinct, computing, not cut off,
+                   and arriving at a value of the row's worked solution (its "values")
   step_token_ends  where each credited step ends in the reply's tokens, for per-token advantages
   step_statistics  steps per reply, how many hold, how many repeat an earlier one (logged)
 """
@@ -150,6 +151,18 @@ def extract_gold_answer(answer: str) -> str:
     return answer.split("####")[-1].strip().replace(",", "")
 
 
+# GSM8K's worked solutions note each calculation: "48/2 = <<48/2=24>>24 clips".
+CALCULATION = re.compile(r"<<[^<>=]*=([^<>=]*)>>")
+
+
+def solution_values(answer: str) -> list[str] | None:
+    """The values a worked solution reaches, for process supervision's steps: GSM8K's noted
+    calculations, then its final answer; None where no calculation is noted (a bare answer): then
+    every step that holds counts."""
+    notes = CALCULATION.findall(answer)
+    return [*notes, extract_gold_answer(answer)] if notes else None
+
+
 def is_strict_format(completion: str) -> bool:
     """<reasoning>...</reasoning> then <answer>...</answer>: each tag exactly once, in this
     order, and nothing but white space outside them."""
@@ -225,14 +238,22 @@ def reasoning_steps(completion: str) -> list[tuple[int, int, float]]:
 OPERATION = re.compile(r"[\d)]\s*[-+*/×÷\u2212]\s*[\d(.]")  # an operator between two operands
 
 
-def credited_steps(completion: str, truncated: bool = False) -> list[tuple[int, int, float]]:
+def credited_steps(
+    completion: str, truncated: bool = False, values: list[str] | None = None
+) -> list[tuple[int, int, float]]:
     """The steps that process supervision credits, as reasoning_steps gives them: each distinct
     line once (a repeat proves nothing new), only lines that compute something ("14 + 7 = 21",
-    not "1 = 1"), and not the last line of a truncated reply if the cut fell in it."""
+    not "1 = 1"), and not the last line of a truncated reply if the cut fell in it. With `values`
+    (a row's: those its worked solution reaches), a step that holds earns 1 only if it arrives at
+    one of them: "6 - 6 = 0" holds, but for 11 + 9 - 6 it computes nothing the answer needs, and
+    a policy paid for any true line learns to write such lines instead of the answer."""
     seen, steps = set(), []
+    reached = None if values is None else {evaluate_arithmetic(str(v)) for v in values}
     for start, end, reward in reasoning_steps(completion):
         line = completion[start:end].strip()
         cut = truncated and end >= len(completion)  # no newline after it: the cut fell in it
+        if reward and reached is not None and step_result(line) not in reached:
+            reward = 0.0
         if line not in seen and OPERATION.search(line) and not cut:
             steps.append((start, end, reward))
         seen.add(line)
@@ -240,7 +261,7 @@ def credited_steps(completion: str, truncated: bool = False) -> list[tuple[int, 
 
 
 def step_token_ends(
-    tokenizer, ids: list[int], text: str, truncated: bool = False
+    tokenizer, ids: list[int], text: str, truncated: bool = False, values: list[str] | None = None
 ) -> list[tuple[int, float]]:
     """(token index, reward) of each credited step of `text` = tokenizer.decode(ids): the first
     token whose prefix decodes to the whole line, its last character whole (a character of several
@@ -251,7 +272,7 @@ def step_token_ends(
 
     return [
         (bisect.bisect_left(range(len(ids)), end, key=decoded), reward)
-        for _, end, reward in credited_steps(text, truncated)
+        for _, end, reward in credited_steps(text, truncated, values)
     ]
 
 
@@ -275,7 +296,7 @@ def equation_holds(line: str) -> bool | None:
     that can be read (a side that is no arithmetic, a division by zero, a number too long)."""
     verdicts = []
     for run in EQUATION_CHARS.findall(line):
-        sides = [side.strip(" \t.,$") for side in run.replace("$", "").split("=")]
+        sides = equation_sides(run)
         if len(sides) < 2 or not all(sides):
             continue
         values = [evaluate_arithmetic(side) for side in sides]
@@ -283,6 +304,19 @@ def equation_holds(line: str) -> bool | None:
             return None
         verdicts.append(all(value == values[0] for value in values))
     return all(verdicts) if verdicts else None
+
+
+def equation_sides(run: str) -> list[str]:
+    """The sides of a run of equation characters: " $3 + 4 = 7." -> ["3 + 4", "7"]."""
+    return [side.strip(" \t.,$") for side in run.replace("$", "").split("=")]
+
+
+def step_result(line: str) -> Fraction | None:
+    """What a step arrives at: the last side of its last equation ("20 - 6 = 14" -> 14)."""
+    equations = [
+        s for s in map(equation_sides, EQUATION_CHARS.findall(line)) if len(s) > 1 and all(s)
+    ]
+    return evaluate_arithmetic(equations[-1][-1]) if equations else None
 
 
 def evaluate_arithmetic(text: str) -> Fraction | None:
@@ -369,9 +403,10 @@ def load_dataset_rows(
     example_turn: bool = True,
     size: int | None = None,
 ) -> list[dict]:
-    """Rows {question, prompt, answer} of a built-in task (BUILT_IN_TASKS), a JSON-lines file, a
-    folder of them, or a Hub dataset; GSM8K's keys: "question" and "answer" (after '####'). The
-    first `size` of them (all, if fewer: said)."""
+    """Rows {question, prompt, answer, values} of a built-in task (BUILT_IN_TASKS), a JSON-lines
+    file, a folder of them, or a Hub dataset; GSM8K's keys: "question" and "answer" (after '####').
+    "values": those a worked solution reaches (a row's own, or solution_values). The first `size`
+    of them (all, if fewer: said)."""
     if source in BUILT_IN_TASKS:
         raw = arithmetic_problems(
             arithmetic_max, seed, held_out=split != "train", terms=BUILT_IN_TASKS[source]
@@ -384,6 +419,7 @@ def load_dataset_rows(
             "question": r["question"],
             "prompt": make_prompt(r["question"], example_turn, example),
             "answer": extract_gold_answer(r["answer"]),
+            "values": r.get("values") or solution_values(r["answer"]),
         }
         for r in raw
     ]
@@ -434,7 +470,10 @@ def arithmetic_problems(
     if terms == 2:
         pairs = [(a, b) for a in numbers for b in numbers if ((a + 2 * b) % 5 == 0) == held_out]
         random.Random(seed).shuffle(pairs)
-        return [{"question": f"What is {a} + {b}?", "answer": str(a + b)} for a, b in pairs]
+        return [
+            {"question": f"What is {a} + {b}?", "answer": str(a + b), "values": [str(a + b)]}
+            for a, b in pairs
+        ]
     triples = [
         (a, b, c)
         for a in numbers
@@ -444,7 +483,12 @@ def arithmetic_problems(
     ]
     random.Random(seed).shuffle(triples)
     return [
-        {"question": f"What is {a} + {b} - {c}?", "answer": str(a + b - c)} for a, b, c in triples
+        {
+            "question": f"What is {a} + {b} - {c}?",
+            "answer": str(a + b - c),
+            "values": [str(v) for v in (a + b, a - c, b - c, a + b - c)],  # either order's steps
+        }
+        for a, b, c in triples
     ]
 
 

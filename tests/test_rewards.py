@@ -2,6 +2,7 @@
 rewards.py's rewards and the steps of the reasoning: exact values, adversarial text, any text.
 """
 
+import json
 import os
 import time
 from fractions import Fraction
@@ -594,3 +595,43 @@ def test_credited_steps_are_distinct_lines_that_compute_and_not_a_line_cut_off()
     assert cut == ["2 + 2 = 4", "3 × 4 = 12"]  # cut in "14 + 7 = 2(1)": not a step
     whole = text + "\n"  # the last line ended before the cut: a step, and a wrong one
     assert [r for *_, r in rewards.credited_steps(whole, truncated=True)] == [1.0, 1.0, 0.0]
+
+
+def test_a_step_counts_only_if_it_arrives_at_a_value_of_the_worked_solution():
+    """With a row's values, a step that holds earns 1 only if its result (the last side of its last
+    equation) is one of them: for 11 + 9 - 6, 11 + 9 = 20 and 9 - 6 = 3 (either order), not
+    6 - 6 = 0; a false line stays 0. Without values, every line that holds counts."""
+    (row,) = [
+        r
+        for r in rewards.arithmetic_problems(12, 0, terms=3)
+        if r["question"] == "What is 11 + 9 - 6?"
+    ]
+    assert row["values"] == ["20", "5", "3", "14"]  # a + b, a - c, b - c, the answer
+    text = "<reasoning>\n11 + 9 = 20\n6 - 6 = 0\n9 - 6 = 3 = 3\n20 - 6 = 13\n11 - 6 + 9 = 14\n"
+    assert [r for *_, r in rewards.credited_steps(text, values=row["values"])] == [1, 0, 1, 0, 1]
+    assert [r for *_, r in rewards.credited_steps(text)] == [1, 1, 1, 0, 1]
+    assert rewards.step_result("so 11 + 9 = 20, and 20 - 6 = 14.") == 14
+    assert rewards.step_result("2 + 2 =") is None and rewards.step_result("no equation") is None
+    assert [r["values"] for r in rewards.arithmetic_problems(3, 0)[:1]] == [
+        [rewards.arithmetic_problems(3, 0)[0]["answer"]]
+    ]  # a + b: one step, the answer
+
+
+def test_gsm8k_rows_carry_the_values_their_worked_solution_notes(tmp_path):
+    """GSM8K notes each calculation of its solutions (<<48/2=24>>): those, then the final answer,
+    are the values a step may reach; a bare answer notes none, and then every step that holds
+    counts (None); a row may give its own."""
+    solution = "She sold 48/2 = <<48/2=24>>24 in May.\nIn all 48+24 = <<48+24=72>>72.\n#### 72"
+    assert rewards.solution_values(solution) == ["24", "72", "72"]
+    assert rewards.solution_values("72") is None
+    lines = [
+        {"question": "Q1?", "answer": solution},
+        {"question": "Q2?", "answer": "7"},
+        {"question": "Q3?", "answer": "7", "values": ["3", "7"]},
+    ]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    rows = rewards.load_dataset_rows(str(path), "train")
+    assert [r["values"] for r in rows] == [["24", "72", "72"], None, ["3", "7"]]
+    text = "<reasoning>\n48 / 2 = 24\n24 + 24 = 48\n24 + 48 = 72\n"
+    assert [r for *_, r in rewards.credited_steps(text, values=rows[0]["values"])] == [1, 0, 1]

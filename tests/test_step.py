@@ -253,7 +253,9 @@ def test_process_supervision_in_a_step_gives_each_token_its_advantage(
 
     monkeypatch.setattr(grpo, "generate_completions", fixed_texts)
     cfg = tiny_config(tiny_model_dir, tmp_path, supervision="process", max_completion_length=64)
-    calls, (_, rollout, total, advantages), _ = one_step(cfg, arithmetic_rows(2), monkeypatch)
+    first, second = arithmetic_rows(2)  # 1 + 1 = 2 reaches a value of the first's solution only
+    rows = [dict(first, values=["2", first["answer"]]), second]
+    calls, (_, rollout, total, advantages), _ = one_step(cfg, rows, monkeypatch)
     B, T = rollout.completion_ids.shape
     assert advantages.shape == (B, T) and torch.equal(
         torch.cat([c["advantages"] for c in calls]), advantages
@@ -261,20 +263,25 @@ def test_process_supervision_in_a_step_gives_each_token_its_advantage(
     tokenizer = loading.load_tokenizer(cfg.model)
     lengths = rollout.completion_mask.sum(dim=1).tolist()
     steps = [
-        rewards.step_token_ends(tokenizer, ids[:n], text, cut)
-        for ids, n, text, cut in zip(
-            rollout.completion_ids.tolist(), lengths, rollout.texts, rollout.truncated.tolist()
+        rewards.step_token_ends(
+            tokenizer, ids[:n], text, cut, rows[i // cfg.num_generations]["values"]
+        )
+        for i, (ids, n, text, cut) in enumerate(
+            zip(rollout.completion_ids.tolist(), lengths, rollout.texts, rollout.truncated.tolist())
         )
     ]
-    assert [len(s) for s in steps] == [2, 0, 2, 0] * 2  # two credited steps: one true, one false
+    # 2 + 2 = 5 is false; 1 + 1 = 2 holds, but the second question's solution never reaches 2
+    rewarded = [[r for _, r in s] for s in steps]
+    assert rewarded == [[1.0, 0.0], [], [1.0, 0.0], [], [0.0, 0.0], [], [0.0, 0.0], []]
     outcome = group_advantages(total, cfg.num_generations)[:, None]  # [B, 1]
     expected = outcome + grpo.process_advantages(steps, cfg.num_generations, T)
     torch.testing.assert_close(advantages, expected)
     assert not advantages.eq(0).all()
 
 
-def process_batch(texts: list[str], answer: str, truncated=None, **settings):
-    """compute_advantages on `texts`, one group, tokenized by a byte-level BPE: (Â [G, T], steps)."""
+def process_batch(texts: list[str], answer: str, truncated=None, values=None, **settings):
+    """compute_advantages on `texts`, one group, tokenized by a byte-level BPE: (Â [G, T], steps);
+    `values`: those the question's worked solution reaches (None: every step that holds counts)."""
     tokenizer = byte_level_tokenizer(" ".join(texts))
     ids = [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
     T = max(map(len, ids))
@@ -284,7 +291,8 @@ def process_batch(texts: list[str], answer: str, truncated=None, **settings):
     empty = torch.zeros(len(texts), 1, dtype=torch.long)
     rollout = grpo.Rollout(empty, empty, completion_ids, mask, cut, texts)
     cfg = grpo.Config(num_generations=len(texts), supervision="process", **settings)
-    _, _, advantages = grpo.compute_advantages(rollout, [{"answer": answer}], cfg, tokenizer)
+    row = {"answer": answer, "values": values}
+    _, _, advantages = grpo.compute_advantages(rollout, [row], cfg, tokenizer)
     return advantages, mask
 
 
@@ -318,6 +326,25 @@ def test_farming_trivial_or_repeated_equations_never_beats_a_clean_right_reply(f
     best_of_farmer = advantages[1][mask[1].bool()].max()
     worst_of_clean = advantages[0][mask[0].bool()].min()
     assert best_of_farmer < worst_of_clean, (best_of_farmer, worst_of_clean)
+
+
+def test_true_lines_that_the_solution_never_reaches_earn_what_false_ones_do():
+    """What an 80-step run learned (bench/README.md, Figure 5 in miniature): every answer wrong,
+    every line true and of no use, as "6 - 6 = 0" for 11 + 9 - 6. Counting each line that holds,
+    such a reply got as much credit as one that computes the answer and then miswrites it; counting
+    only the lines that reach a value of the worked solution (the task's rows carry them), as much
+    as false lines."""
+    problems = rewards.arithmetic_problems(12, 0, terms=3)
+    row = next(r for r in problems if r["question"] == "What is 11 + 9 - 6?")
+    useless = reply(["6 - 6 = 0", "3 + 3 = 6"], "0")
+    miswritten = reply(["11 + 9 = 20", "20 - 6 = 14"], "15")
+    false = reply(["11 + 9 = 19", "19 - 6 = 13"], "13")
+    right = reply(["9 - 6 = 3", "11 + 3 = 14"], "14")  # the other order: b - c first
+    texts = [useless, miswritten, false, right]
+    first = process_batch(texts, "14", values=row["values"])[0][:, 0].tolist()
+    assert first[0] == pytest.approx(first[2]) and first[0] < first[1] < first[3], first
+    holds_only = process_batch(texts, "14")[0][:, 0].tolist()
+    assert holds_only[0] == pytest.approx(holds_only[1]), "without values, the hack is open"
 
 
 def test_with_equal_outcomes_and_equal_steps_every_advantage_is_zero():
