@@ -78,8 +78,9 @@ GRIDS = {
 
 def done(grid: str, steps: int | None = None) -> dict[tuple[str, int], dict]:
     """The grid's recorded runs, by (method, seed): those run with the grid's settings as they are
-    (a line of earlier settings stays in the file, as what it was, and is run again); with `steps`,
-    those that ran the grid's settings for that many steps instead."""
+    (a line of earlier settings stays in the file, as what it was, and is run again, as is one
+    marked "superseded": its code changed since); with `steps`, those that ran the grid's settings
+    for that many steps instead."""
     lines = RESULTS.read_text().splitlines() if RESULTS.exists() else []
     rows = [json.loads(line) for line in lines if line.strip()]
     spec = GRIDS[grid]
@@ -93,6 +94,7 @@ def done(grid: str, steps: int | None = None) -> dict[tuple[str, int], dict]:
         for r in rows
         if r["grid"] == grid
         and r["method"] in spec["methods"]
+        and "superseded" not in r
         and settings(r["flags"])
         == settings(spec["settings"]) | settings(spec["methods"][r["method"]]) | steps_now
     }

@@ -131,11 +131,14 @@ def test_a_failed_run_is_named_and_not_recorded(toy_grid, monkeypatch):
 
 
 def test_done_matches_the_grids_settings_in_any_order_and_an_earlier_stage_by_its_steps(toy_grid):
+    """A line counts where its flags are the grid's (in any order), unless marked superseded."""
     line = {"grid": "toy", "method": "B", "seed": 0}
     rows = [
         line | {"flags": ["--beta", "0", "--max-steps", "3", "--dataset", "arithmetic"]},
         line | {"seed": 1, "flags": ["--dataset", "arithmetic", "--max-steps", "2", "--beta", "0"]},
         line | {"seed": 2, "flags": ["--dataset", "arithmetic", "--max-steps", "3"]},  # not B's
+        line
+        | {"seed": 3, "flags": TOY["settings"] + ["--beta", "0"], "superseded": "its code changed"},
         line
         | {
             "grid": "other",
