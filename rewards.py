@@ -248,7 +248,7 @@ def credited_steps(
     one of them: "6 - 6 = 0" holds, but for 11 + 9 - 6 it computes nothing the answer needs, and
     a policy paid for any true line learns to write such lines instead of the answer."""
     seen, steps = set(), []
-    reached = None if values is None else {evaluate_arithmetic(str(v)) for v in values}
+    reached = None if values is None else {solution_value(v) for v in values}
     for start, end, reward in reasoning_steps(completion):
         line = completion[start:end].strip()
         cut = truncated and end >= len(completion)  # no newline after it: the cut fell in it
@@ -258,6 +258,14 @@ def credited_steps(
             steps.append((start, end, reward))
         seen.add(line)
     return steps
+
+
+def solution_value(value) -> Fraction | None:
+    """A value of a worked solution as an exact fraction ("72", "1,000", ".05", "-3"), or None."""
+    try:
+        return Fraction(str(value).replace(",", "").strip())
+    except (ValueError, ZeroDivisionError):
+        return None
 
 
 def step_token_ends(

@@ -635,3 +635,7 @@ def test_gsm8k_rows_carry_the_values_their_worked_solution_notes(tmp_path):
     assert [r["values"] for r in rows] == [["24", "72", "72"], None, ["3", "7"]]
     text = "<reasoning>\n48 / 2 = 24\n24 + 24 = 48\n24 + 48 = 72\n"
     assert [r for *_, r in rewards.credited_steps(text, values=rows[0]["values"])] == [1, 0, 1]
+    cents = "A cent is 1/100 = <<1/100=.01>>.01 dollars, so 5 cost <<5*.01=.05>>.05.\n#### .05"
+    text = "<reasoning>\n5 * 0.01 = 0.05\n500 * 2 = 1000\n"  # GSM8K writes .05, and 1,000
+    values = rewards.solution_values(cents) + ["1,000"]
+    assert [r for *_, r in rewards.credited_steps(text, values=values)] == [1, 1]
