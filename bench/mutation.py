@@ -98,7 +98,7 @@ def copy_project(
     out.mkdir(parents=True, exist_ok=True)
     for name in ("grpo.py", "rewards.py", "test_grpo.py"):
         shutil.copy(ROOT / name, out / name)
-    for folder in ("machinery", "tests", "scale"):
+    for folder in ("machinery", "tests", "scale", "bench"):  # bench: tests/test_seeds.py reads it
         shutil.copytree(ROOT / folder, out / folder, dirs_exist_ok=True)
     freeze(out / "grpo.py", functions)
     freeze(out / "rewards.py", rewards)
@@ -106,7 +106,7 @@ def copy_project(
         '[tool.mutmut]\nsource_paths = ["grpo.py", "rewards.py"]\n'
         'pytest_add_cli_args_test_selection = ["test_grpo.py", "tests"]\n'
         f'pytest_add_cli_args = ["-p", "no:cacheprovider", "-k", "{tests}"]\n'
-        'also_copy = ["machinery", "tests", "scale"]\n'
+        'also_copy = ["machinery", "tests", "scale", "bench"]\n'
         'process_isolation = "forkserver"\n'
     )  # torch is not fork-safe once its threads started
 

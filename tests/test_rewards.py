@@ -612,6 +612,9 @@ def test_a_step_counts_only_if_it_arrives_at_a_value_of_the_worked_solution():
     assert [r for *_, r in rewards.credited_steps(text)] == [1, 1, 1, 0, 1]
     assert rewards.step_result("so 11 + 9 = 20, and 20 - 6 = 14.") == 14
     assert rewards.step_result("2 + 2 =") is None and rewards.step_result("no equation") is None
+    assert rewards.step_result("2 + 2 = 5 = 4") == 4  # where it ends, held or not (checked apart)
+    assert rewards.step_result("11 + 9 = 20 apples, 3 left") == 20  # a number is no equation
+    assert rewards.step_result("11 + 9 = 20, so 20 - 6 =") == 20  # nor an open one
     assert [r["values"] for r in rewards.arithmetic_problems(3, 0)[:1]] == [
         [rewards.arithmetic_problems(3, 0)[0]["answer"]]
     ]  # a + b: one step, the answer
