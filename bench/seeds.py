@@ -13,7 +13,8 @@ It survives interruption: a (grid, method, seed) already in the file with the gr
 skipped; a run cut off goes on from its latest checkpoint (--save-every 10, grpo.py's --resume: the
 same run as one never stopped), so at most 10 steps are done again, and a run of fewer steps goes on
 to the grid's. A lock file beside each run's folder holds the pid of the grpo.py that trains it:
-two runners may share a grid, and neither takes a run that is still going. A recorded run's
+two runners may share a grid, and neither takes a run that is still going: it waits for it, as one
+of its --jobs, and records it if its own runner was stopped. A recorded run's
 checkpoint is deleted (its metrics and results stay): a grid's checkpoints would fill the disk.
 Runs write to outputs/seeds/<grid>/<method>-s<seed>.
 Every method of a grid gets the same seeds, so the same data order: comparisons are paired.
@@ -155,17 +156,24 @@ def pending(grid: str) -> list[tuple[str, int]]:
     ]
 
 
+def holder(lock: Path) -> int | None:
+    """The pid in a run's lock file, if that process is alive."""
+    try:
+        pid = int(lock.read_text())
+        os.kill(pid, 0)  # raises where that process is gone
+        return pid
+    except (FileNotFoundError, ValueError, ProcessLookupError):
+        return None
+
+
 def claim(out: Path) -> bool:
     """Whether this runner may take the run in `out`: a lock file beside it holds the pid of the
     process that trains it, so two runners never train into one folder, nor one into a folder
     whose run goes on after its runner was stopped."""
     lock = out.with_suffix(".lock")
-    if lock.exists():
-        try:
-            os.kill(int(lock.read_text()), 0)  # raises where that process is gone
-            return False
-        except (ProcessLookupError, ValueError):
-            lock.unlink()  # left by a runner that was stopped
+    if holder(lock):
+        return False
+    lock.unlink(missing_ok=True)  # left by a runner that was stopped
     try:
         with open(lock, "x") as f:
             f.write(str(os.getpid()))
@@ -174,8 +182,30 @@ def claim(out: Path) -> bool:
     return True
 
 
+class Held:
+    """A run trained by a process this runner did not start (one that outlived its stopped runner,
+    or another runner's): waited for as one of the `jobs`, until its lock's process has ended."""
+
+    returncode = 0  # its own runner would have failed it: here only its results tell
+
+    def __init__(self, lock: Path):
+        self.lock = lock
+
+    def poll(self) -> int | None:
+        return None if holder(self.lock) else 0
+
+
+def finished(grid: str, out: Path) -> bool:
+    """Whether the run in `out` ran all of the grid's steps (results.json is written at the end)."""
+    results = out / "results.json"
+    steps = GRIDS[grid]["settings"][GRIDS[grid]["settings"].index("--max-steps") + 1]
+    return results.exists() and json.loads(results.read_text())["steps"] == int(steps)
+
+
 def run_grid(model: str, grid: str, jobs: int, threads: int | None) -> None:
-    """Up to `jobs` runs at a time, a new one started as soon as one ends; each recorded on its end."""
+    """Up to `jobs` runs at a time, a new one started as soon as one ends; each recorded on its end.
+    A run that another process trains is waited for: recorded if it ends finished and its own
+    runner did not record it, else taken on from its checkpoint."""
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
     todo, running, failed = pending(grid), {}, []
     while todo or running:
@@ -183,8 +213,11 @@ def run_grid(model: str, grid: str, jobs: int, threads: int | None) -> None:
             method, seed = todo.pop(0)
             out = run_dir(grid, method, seed)
             out.parent.mkdir(parents=True, exist_ok=True)
+            if (method, seed) in done(grid):  # recorded by another runner since we started
+                continue
             if not claim(out):
-                print(f"{grid} {method} seed {seed}: another runner has it, left to that one")
+                print(f"{grid} {method} seed {seed}: trained by another process, waited for")
+                running[Held(out.with_suffix(".lock"))] = (method, seed, out)
                 continue
             log = open(out.parent / f"{out.name}.log", "a")
             cmd = command(model, grid, method, seed)
@@ -194,7 +227,12 @@ def run_grid(model: str, grid: str, jobs: int, threads: int | None) -> None:
         time.sleep(5)
         for process in [p for p in running if p.poll() is not None]:
             method, seed, out = running.pop(process)
-            out.with_suffix(".lock").unlink()
+            if isinstance(process, Held) and (method, seed) in done(grid):
+                continue  # recorded by the runner that started it
+            if isinstance(process, Held) and not finished(grid, out):
+                todo.insert(0, (method, seed))  # cut off: taken on from its checkpoint
+                continue
+            out.with_suffix(".lock").unlink(missing_ok=True)
             if process.returncode:
                 failed.append(f"{grid} {method} seed {seed}: {out}.log")
                 continue

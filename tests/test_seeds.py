@@ -11,6 +11,7 @@ import statistics
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -111,13 +112,52 @@ def test_a_run_cut_off_goes_on_from_its_checkpoint_and_a_stale_lock_is_taken_ove
     assert len(seeds.done("toy")) == 4
 
 
-def test_a_run_another_runner_holds_is_left_to_it(toy_grid, capsys):
-    out = seeds.run_dir("toy", "B", 1)
-    out.parent.mkdir(parents=True)
-    out.with_suffix(".lock").write_text(str(subprocess.os.getpid()))  # a process that is alive
+def hold(out, seconds: float, code: str = "") -> None:
+    """A process that trains the run in `out`, as far as a runner can tell: its pid in the run's
+    lock, as a runner's child that outlived its runner; it lives `seconds`, then runs `code`."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    process = subprocess.Popen(
+        [sys.executable, "-c", f"import time; time.sleep({seconds})\n{code}"]
+    )
+    out.with_suffix(".lock").write_text(str(process.pid))
+    threading.Thread(target=process.wait, daemon=True).start()  # reaped, as init reaps an orphan
+
+
+def test_a_run_another_process_trains_is_waited_for_then_recorded_once(toy_grid, capsys):
+    """A runner stopped while its children went on: the next runner waits for each, then records
+    a finished run without training it again; takes a cut-off one on from its checkpoint; and
+    leaves one that a runner of its own recorded meanwhile."""
+    finished, cut, recorded = (
+        seeds.run_dir("toy", m, s) for m, s in (("B", 1), ("A", 1), ("B", 0))
+    )
+    (cut / "checkpoint-1").mkdir(parents=True)
+    line = {"grid": "toy", "method": "B", "seed": 0, "flags": TOY["settings"] + ["--beta", "0"]}
+    records = (  # as a runner does when its child ends: the line, then its lock gone
+        f"open({str(seeds.RESULTS)!r}, 'a').write({json.dumps(line)!r} + '\\n')\n"
+        f"import os; os.remove({str(recorded.with_suffix('.lock'))!r})"
+    )
+    finishes = FAKE_GRPO.replace(
+        "argv = sys.argv[1:]",
+        f"argv = {['--output-dir', str(finished), '--max-steps', '3', '--seed', '1']!r}",
+    )
+    hold(finished, 2, finishes)  # still going when the runner reaches it, the last of the four
+    hold(cut, 0.3)
+    hold(recorded, 0.3, records)
     seeds.run_grid("MODEL", "toy", jobs=2, threads=None)
-    assert "toy B seed 1: another runner has it" in capsys.readouterr().out
-    assert sorted(seeds.done("toy")) == [("A", 0), ("A", 1), ("B", 0)]
+    assert "toy B seed 1: trained by another process, waited for" in capsys.readouterr().out
+    ran = [call[call.index("--output-dir") + 1 :] for call in calls(toy_grid)]
+    held = [str(finished), "--max-steps", "3", "--seed", "1"]  # the holder's own, not the runner's
+    assert sorted(ran) == sorted(
+        [held, [str(seeds.run_dir("toy", "A", 0))], [str(cut), "--resume"]]
+    )
+    lines = [json.loads(line) for line in seeds.RESULTS.read_text().splitlines()]
+    assert sorted((r["method"], r["seed"]) for r in lines) == [
+        ("A", 0),
+        ("A", 1),
+        ("B", 0),
+        ("B", 1),
+    ]
+    assert not list(seeds.RUNS.rglob("*.lock")) and not list(seeds.RUNS.rglob("checkpoint-*"))
 
 
 def test_a_failed_run_is_named_and_not_recorded(toy_grid, monkeypatch):
