@@ -208,6 +208,7 @@ def run_grid(model: str, grid: str, jobs: int, threads: int | None) -> None:
     runner did not record it, else taken on from its checkpoint."""
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
     todo, running, failed = pending(grid), {}, []
+    todo.sort(key=lambda run: not holder(run_dir(grid, *run).with_suffix(".lock")))  # held: first
     while todo or running:
         while todo and len(running) < jobs:
             method, seed = todo.pop(0)

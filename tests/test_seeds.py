@@ -160,6 +160,20 @@ def test_a_run_another_process_trains_is_waited_for_then_recorded_once(toy_grid,
     assert not list(seeds.RUNS.rglob("*.lock")) and not list(seeds.RUNS.rglob("checkpoint-*"))
 
 
+def test_runs_that_other_processes_train_count_among_the_jobs_from_the_start(toy_grid, capsys):
+    """One job, and a run that a stopped runner's child still trains, last in the grid's order: the
+    runner starts nothing beside it, but waits for it first."""
+    finished = seeds.run_dir("toy", "B", 1)
+    argv = ["--output-dir", str(finished), "--max-steps", "3", "--seed", "1"]
+    hold(finished, 0.5, FAKE_GRPO.replace("argv = sys.argv[1:]", f"argv = {argv!r}"))
+    seeds.run_grid("MODEL", "toy", jobs=1, threads=None)
+    said = capsys.readouterr().out.splitlines()
+    assert said[:2] == [
+        "toy B seed 1: trained by another process, waited for",
+        "toy B seed 1: recorded in seeds.jsonl",
+    ], said
+
+
 def test_a_failed_run_is_named_and_not_recorded(toy_grid, monkeypatch):
     run_dir = seeds.run_dir
     monkeypatch.setattr(seeds, "run_dir", lambda g, m, s: run_dir(g, m + "fails" * (s == 1), s))
