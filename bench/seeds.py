@@ -77,6 +77,11 @@ GRIDS = {
 }
 
 
+def settings(flags: list[str]) -> dict[str, str]:
+    """Flags as {flag: value}: every flag of a grid takes a value."""
+    return dict(zip(flags[::2], flags[1::2]))
+
+
 def done(grid: str, steps: int | None = None) -> dict[tuple[str, int], dict]:
     """The grid's recorded runs, by (method, seed): those run with the grid's settings as they are
     (a line of earlier settings stays in the file, as what it was, and is run again, as is one
@@ -86,10 +91,6 @@ def done(grid: str, steps: int | None = None) -> dict[tuple[str, int], dict]:
     rows = [json.loads(line) for line in lines if line.strip()]
     spec = GRIDS[grid]
     steps_now = {} if steps is None else {"--max-steps": str(steps)}
-
-    def settings(flags: list[str]) -> dict[str, str]:  # every flag of a grid takes a value
-        return dict(zip(flags[::2], flags[1::2]))
-
     return {
         (r["method"], r["seed"]): r
         for r in rows
@@ -198,8 +199,8 @@ class Held:
 def finished(grid: str, out: Path) -> bool:
     """Whether the run in `out` ran all of the grid's steps (results.json is written at the end)."""
     results = out / "results.json"
-    steps = GRIDS[grid]["settings"][GRIDS[grid]["settings"].index("--max-steps") + 1]
-    return results.exists() and json.loads(results.read_text())["steps"] == int(steps)
+    steps = int(settings(GRIDS[grid]["settings"])["--max-steps"])
+    return results.exists() and json.loads(results.read_text())["steps"] == steps
 
 
 def run_grid(model: str, grid: str, jobs: int, threads: int | None) -> None:
