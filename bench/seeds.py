@@ -310,17 +310,26 @@ def report(grid: str, steps: int | None = None) -> None:
 
 
 def order(runs: dict[str, dict[int, dict]], figure) -> str:
-    """The methods from best to worst by their mean; `>` between two neighbours whose paired 95%
-    interval excludes 0 (settled at this scale), `~` where it holds 0 (not settled)."""
+    """The methods from best to worst by their mean: `>` where every method before it is above every
+    method after it, each pair's paired 95% interval excluding 0 (settled at this scale), `~`
+    elsewhere; then, in brackets, each settled pair that the chain does not show."""
     mean = {m: statistics.mean(figure(r) for r in by_seed.values()) for m, by_seed in runs.items()}
     ranked = sorted(mean, key=mean.get, reverse=True)
-    text = ranked[0]
-    for a, b in zip(ranked, ranked[1:]):
+
+    def above(a: str, b: str) -> bool:
         seeds = sorted(set(runs[a]) & set(runs[b]))
         gaps = [figure(runs[a][s]) - figure(runs[b][s]) for s in seeds]
-        settled = len(gaps) > 1 and bootstrap_mean(gaps)[0] > 0
-        text += f" {'>' if settled else '~'} {b}"
-    return text
+        return len(gaps) > 1 and bootstrap_mean(gaps)[0] > 0
+
+    cuts = [all(above(a, b) for a in ranked[:i] for b in ranked[i:]) for i in range(1, len(ranked))]
+    text = ranked[0] + "".join(f" {'>' if cut else '~'} {m}" for cut, m in zip(cuts, ranked[1:]))
+    hidden = [
+        f"{a} > {b}"
+        for i, a in enumerate(ranked)
+        for j, b in enumerate(ranked[i + 1 :], i + 1)
+        if not any(cuts[i:j]) and above(a, b)
+    ]
+    return text + (f" (and {'; '.join(hidden)})" if hidden else "")
 
 
 WINDOW = 5  # steps in the curves' running mean

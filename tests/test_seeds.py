@@ -243,3 +243,12 @@ def test_the_order_is_settled_where_the_paired_interval_excludes_zero_only():
     assert seeds.order(runs_of({"A": [50.0], "B": [40.0]}), after) == "A ~ B", (
         "one seed settles nothing"
     )
+    # A is settled above B only; C, last by its mean, swings by seed, so neither A nor B is settled
+    # above it: `A > B ~ C` would claim A > C too
+    swings = [10, -10, 9, -9, 8, -8, 1, -5]  # mean -0.5
+    gapped = {
+        "A": [v + 3 for v in seed_effect],
+        "B": seed_effect,
+        "C": [v + d for v, d in zip(seed_effect, swings)],
+    }
+    assert seeds.order(runs_of(gapped), after) == "A ~ B ~ C (and A > B)"
