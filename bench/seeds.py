@@ -62,10 +62,10 @@ GRIDS = {
     },
     "kl": {  # the KL of whole completions off policy (--mu 2): k1_is against k1_to_go, k3_ratio
         "settings": [*FIGURE5.split(), "--max-steps", "40", "--mu", "2"],
-        "methods": {
+        "methods": {  # one strength: β weighs a token's KL, or a whole reply's (about 40 tokens)
             "k3_ratio": [],
-            "k1_to_go": ["--kl-estimator", "k1_to_go"],
-            "k1_is": ["--kl-estimator", "k1_is"],
+            "k1_to_go, beta 0.001": ["--kl-estimator", "k1_to_go", "--beta", "0.001"],
+            "k1_is, beta 0.001": ["--kl-estimator", "k1_is", "--beta", "0.001"],
         },
         "seeds": range(3),
     },
