@@ -157,6 +157,11 @@ def pending(grid: str) -> list[tuple[str, int]]:
     ]
 
 
+def lock_of(out: Path) -> Path:
+    """The lock file beside a run's folder (not `with_suffix`: "beta 0.001" has a dot in it)."""
+    return out.parent / f"{out.name}.lock"
+
+
 def holder(lock: Path) -> int | None:
     """The pid in a run's lock file, if that process is alive."""
     try:
@@ -171,7 +176,7 @@ def claim(out: Path) -> bool:
     """Whether this runner may take the run in `out`: a lock file beside it holds the pid of the
     process that trains it, so two runners never train into one folder, nor one into a folder
     whose run goes on after its runner was stopped."""
-    lock = out.with_suffix(".lock")
+    lock = lock_of(out)
     if holder(lock):
         return False
     lock.unlink(missing_ok=True)  # left by a runner that was stopped
@@ -209,7 +214,7 @@ def run_grid(model: str, grid: str, jobs: int, threads: int | None) -> None:
     runner did not record it, else taken on from its checkpoint."""
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
     todo, running, failed = pending(grid), {}, []
-    todo.sort(key=lambda run: not holder(run_dir(grid, *run).with_suffix(".lock")))  # held: first
+    todo.sort(key=lambda run: not holder(lock_of(run_dir(grid, *run))))  # held: first
     while todo or running:
         while todo and len(running) < jobs:
             method, seed = todo.pop(0)
@@ -219,12 +224,12 @@ def run_grid(model: str, grid: str, jobs: int, threads: int | None) -> None:
                 continue
             if not claim(out):
                 print(f"{grid} {method} seed {seed}: trained by another process, waited for")
-                running[Held(out.with_suffix(".lock"))] = (method, seed, out)
+                running[Held(lock_of(out))] = (method, seed, out)
                 continue
             log = open(out.parent / f"{out.name}.log", "a")
             cmd = command(model, grid, method, seed)
             process = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-            out.with_suffix(".lock").write_text(str(process.pid))  # the run's own: it outlives us
+            lock_of(out).write_text(str(process.pid))  # the run's own: it outlives us
             running[process] = (method, seed, out)
         time.sleep(5)
         for process in [p for p in running if p.poll() is not None]:
@@ -234,7 +239,7 @@ def run_grid(model: str, grid: str, jobs: int, threads: int | None) -> None:
             if isinstance(process, Held) and not finished(grid, out):
                 todo.insert(0, (method, seed))  # cut off: taken on from its checkpoint
                 continue
-            out.with_suffix(".lock").unlink(missing_ok=True)
+            lock_of(out).unlink(missing_ok=True)
             if process.returncode:
                 failed.append(f"{grid} {method} seed {seed}: {out}.log")
                 continue

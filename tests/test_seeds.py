@@ -93,6 +93,14 @@ def test_a_grid_runs_each_run_once_records_it_and_frees_its_disk(toy_grid):
     assert len(calls(toy_grid)) == 4, "a recorded run was run again"
 
 
+def test_seeds_of_a_method_with_a_dot_in_its_name_each_have_a_lock(toy_grid, monkeypatch, capsys):
+    dotted = {**TOY, "first": 2, "methods": {"A, beta 0.001": ["--beta", "0.001"]}}
+    monkeypatch.setattr(seeds, "GRIDS", {"toy": dotted})
+    seeds.run_grid("MODEL", "toy", jobs=2, threads=1)
+    assert "another process" not in capsys.readouterr().out, "one seed's lock held the other's"
+    assert seeds.pending("toy") == [] and len(calls(toy_grid)) == 2
+
+
 def test_the_first_methods_fill_every_seed_before_the_others(toy_grid):
     assert seeds.pending("toy") == [("A", 0), ("A", 1), ("B", 0), ("B", 1)]
     seeds.run_grid("MODEL", "toy", jobs=1, threads=None)
@@ -104,7 +112,7 @@ def test_a_run_cut_off_goes_on_from_its_checkpoint_and_a_stale_lock_is_taken_ove
     (out / "checkpoint-1").mkdir(parents=True)
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()  # a pid whose process has ended: the lock of a runner that was stopped
-    out.with_suffix(".lock").write_text(str(gone.pid))
+    seeds.lock_of(out).write_text(str(gone.pid))
     seeds.run_grid("MODEL", "toy", jobs=1, threads=None)
     resumed = {(c[c.index("--output-dir") + 1], "--resume" in c) for c in calls(toy_grid)}
     assert (str(out), True) in resumed
@@ -119,7 +127,7 @@ def hold(out, seconds: float, code: str = "") -> None:
     process = subprocess.Popen(
         [sys.executable, "-c", f"import time; time.sleep({seconds})\n{code}"]
     )
-    out.with_suffix(".lock").write_text(str(process.pid))
+    seeds.lock_of(out).write_text(str(process.pid))
     threading.Thread(target=process.wait, daemon=True).start()  # reaped, as init reaps an orphan
 
 
@@ -134,7 +142,7 @@ def test_a_run_another_process_trains_is_waited_for_then_recorded_once(toy_grid,
     line = {"grid": "toy", "method": "B", "seed": 0, "flags": TOY["settings"] + ["--beta", "0"]}
     records = (  # as a runner does when its child ends: the line, then its lock gone
         f"open({str(seeds.RESULTS)!r}, 'a').write({json.dumps(line)!r} + '\\n')\n"
-        f"import os; os.remove({str(recorded.with_suffix('.lock'))!r})"
+        f"import os; os.remove({str(seeds.lock_of(recorded))!r})"
     )
     finishes = FAKE_GRPO.replace(
         "argv = sys.argv[1:]",
