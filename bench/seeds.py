@@ -326,13 +326,17 @@ def order(runs: dict[str, dict[int, dict]], figure) -> str:
         gaps = [figure(runs[a][s]) - figure(runs[b][s]) for s in seeds]
         return len(gaps) > 1 and bootstrap_mean(gaps)[0] > 0
 
-    cuts = [all(above(a, b) for a in ranked[:i] for b in ranked[i:]) for i in range(1, len(ranked))]
+    settled = {(a, b) for i, a in enumerate(ranked) for b in ranked[i + 1 :] if above(a, b)}
+    cuts = [
+        all((a, b) in settled for a in ranked[:i] for b in ranked[i:])
+        for i in range(1, len(ranked))
+    ]
     text = ranked[0] + "".join(f" {'>' if cut else '~'} {m}" for cut, m in zip(cuts, ranked[1:]))
     hidden = [
         f"{a} > {b}"
         for i, a in enumerate(ranked)
         for j, b in enumerate(ranked[i + 1 :], i + 1)
-        if not any(cuts[i:j]) and above(a, b)
+        if not any(cuts[i:j]) and (a, b) in settled
     ]
     return text + (f" (and {'; '.join(hidden)})" if hidden else "")
 
