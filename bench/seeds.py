@@ -14,8 +14,8 @@ skipped; a run cut off goes on from its latest checkpoint (--save-every 10, grpo
 same run as one never stopped), so at most 10 steps are done again, and a run of fewer steps goes on
 to the grid's. A lock file beside each run's folder holds the pid of the grpo.py that trains it:
 two runners may share a grid, and neither takes a run that is still going: it waits for it, as one
-of its --jobs, and records it if its own runner was stopped. A recorded run's
-checkpoint is deleted (its metrics and results stay): a grid's checkpoints would fill the disk.
+of its --jobs, and records it if its own runner was stopped; one that ended after its runner
+did is recorded, not trained again. A recorded run's checkpoint is deleted (its metrics and results stay): a grid's checkpoints would fill the disk.
 Runs write to outputs/seeds/<grid>/<method>-s<seed>.
 Every method of a grid gets the same seeds, so the same data order: comparisons are paired.
 """
@@ -208,6 +208,16 @@ def finished(grid: str, out: Path) -> bool:
     return results.exists() and json.loads(results.read_text())["steps"] == steps
 
 
+def save(grid: str, method: str, seed: int, out: Path, threads: int | None) -> None:
+    """Append a finished run's line to the results file, then free its checkpoints' disk."""
+    with RESULTS.open("a") as f:
+        f.write(json.dumps(record(grid, method, seed, threads)) + "\n")
+    for checkpoint in out.glob("checkpoint-*"):
+        shutil.rmtree(checkpoint)  # 1.5 GB a run: a grid's would not fit on the disk
+    lock_of(out).unlink(missing_ok=True)
+    print(f"{grid} {method} seed {seed}: recorded in {RESULTS.name}", flush=True)
+
+
 def run_grid(model: str, grid: str, jobs: int, threads: int | None) -> None:
     """Up to `jobs` runs at a time, a new one started as soon as one ends; each recorded on its end.
     A run that another process trains is waited for: recorded if it ends finished and its own
@@ -221,6 +231,9 @@ def run_grid(model: str, grid: str, jobs: int, threads: int | None) -> None:
             out = run_dir(grid, method, seed)
             out.parent.mkdir(parents=True, exist_ok=True)
             if (method, seed) in done(grid):  # recorded by another runner since we started
+                continue
+            if not holder(lock_of(out)) and finished(grid, out):  # ended after its runner did
+                save(grid, method, seed, out, threads)
                 continue
             if not claim(out):
                 print(f"{grid} {method} seed {seed}: trained by another process, waited for")
@@ -243,11 +256,7 @@ def run_grid(model: str, grid: str, jobs: int, threads: int | None) -> None:
             if process.returncode:
                 failed.append(f"{grid} {method} seed {seed}: {out}.log")
                 continue
-            with RESULTS.open("a") as f:
-                f.write(json.dumps(record(grid, method, seed, threads)) + "\n")
-            for checkpoint in out.glob("checkpoint-*"):
-                shutil.rmtree(checkpoint)  # 1.5 GB a run: a grid's would not fit on the disk
-            print(f"{grid} {method} seed {seed}: recorded in {RESULTS.name}", flush=True)
+            save(grid, method, seed, out, threads)
     if failed:
         sys.exit("failed, see the logs:\n" + "\n".join(failed))
 

@@ -120,6 +120,20 @@ def test_a_run_cut_off_goes_on_from_its_checkpoint_and_a_stale_lock_is_taken_ove
     assert len(seeds.done("toy")) == 4
 
 
+def test_a_run_that_ended_after_its_runner_is_recorded_not_run_again(toy_grid):
+    """A runner stopped while its child went on to the end: the next runner finds the run finished
+    and unrecorded, with no live process in its lock."""
+    seeds.run_grid("MODEL", "toy", jobs=1, threads=None)
+    lines = (toy_grid / "seeds.jsonl").read_text().splitlines()
+    (toy_grid / "seeds.jsonl").write_text("".join(line + "\n" for line in lines[1:]))
+    first = json.loads(lines[0])
+    out = seeds.run_dir("toy", first["method"], first["seed"])
+    (out / "checkpoint-1").mkdir()
+    seeds.run_grid("MODEL", "toy", jobs=1, threads=None)
+    assert len(calls(toy_grid)) == 4, "a finished run was trained again"
+    assert len(seeds.done("toy")) == 4 and not (out / "checkpoint-1").exists()
+
+
 def hold(out, seconds: float, code: str = "") -> None:
     """A process that trains the run in `out`, as far as a runner can tell: its pid in the run's
     lock, as a runner's child that outlived its runner; it lives `seconds`, then runs `code`."""
