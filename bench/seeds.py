@@ -202,10 +202,11 @@ class Held:
 
 
 def finished(grid: str, out: Path) -> bool:
-    """Whether the run in `out` ran all of the grid's steps (results.json is written at the end)."""
+    """Whether the run in `out` ran all of the grid's steps (results.json gets "steps" at the end;
+    before that it holds the evaluation before training)."""
     results = out / "results.json"
     steps = int(settings(GRIDS[grid]["settings"])["--max-steps"])
-    return results.exists() and json.loads(results.read_text())["steps"] == steps
+    return results.exists() and json.loads(results.read_text()).get("steps") == steps
 
 
 def save(grid: str, method: str, seed: int, out: Path, threads: int | None) -> None:

@@ -110,6 +110,7 @@ def test_the_first_methods_fill_every_seed_before_the_others(toy_grid):
 def test_a_run_cut_off_goes_on_from_its_checkpoint_and_a_stale_lock_is_taken_over(toy_grid):
     out = seeds.run_dir("toy", "A", 0)
     (out / "checkpoint-1").mkdir(parents=True)
+    (out / "results.json").write_text(json.dumps({"before": {"accuracy": 0.2}}))  # not the end's
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()  # a pid whose process has ended: the lock of a runner that was stopped
     seeds.lock_of(out).write_text(str(gone.pid))
