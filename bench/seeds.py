@@ -15,7 +15,8 @@ same run as one never stopped), so at most 10 steps are done again, and a run of
 to the grid's. A lock file beside each run's folder holds the pid of the grpo.py that trains it:
 two runners may share a grid, and neither takes a run that is still going: it waits for it, as one
 of its --jobs, and records it if its own runner was stopped; one that ended after its runner
-did is recorded, not trained again. A recorded run's checkpoint is deleted (its metrics and results stay): a grid's checkpoints would fill the disk.
+did is recorded, not trained again. A recorded run's checkpoint is deleted (its metrics and results
+stay): a grid's checkpoints would fill the disk.
 Runs write to outputs/seeds/<grid>/<method>-s<seed>.
 Every method of a grid gets the same seeds, so the same data order: comparisons are paired.
 """
